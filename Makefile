@@ -1,0 +1,27 @@
+# cnvm — everything runs as root on a Debian host (namespaces, runc, CRIU).
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps test unit lint demo bench clean-labs install
+
+deps:
+	scripts/install-deps
+
+## test: install everything, then run the whole suite (unit + integration)
+test: deps
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+lint: deps
+	$(PY) -m ruff check .
+
+## demo: the one-machine demo (3-node lab, teleport a cnvm around)
+demo: deps
+	$(PY) -m cnvmctl demo
+
+## install: put cnvmd/cnvmctl and the systemd unit in place on this host
+install: deps
+	scripts/install-host

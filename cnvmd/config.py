@@ -1,0 +1,91 @@
+"""Daemon configuration: a TOML file, overridden by command-line options.
+
+Every path is configurable so that several daemons (the lab's nodes) can share
+one machine; the defaults are those of a systemd-managed host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("/etc/cnvm/cnvmd.toml")
+DEFAULT_SOCKET = Path("/run/cnvm/cnvmd.sock")
+BUNDLED_CRIU = Path("/opt/cnvm/bin/criu")
+
+
+def default_criu() -> str:
+    """The CRIU install-deps provided, else whatever is on PATH."""
+    if BUNDLED_CRIU.exists():
+        return str(BUNDLED_CRIU)
+    return shutil.which("criu") or "criu"
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/cnvm")
+    run_dir: Path = Path("/run/cnvm")
+    socket_path: Path = DEFAULT_SOCKET
+    runc_root: Path = Path("/run/cnvm/runc")
+    runc: str = "runc"
+    criu: str = field(default_factory=default_criu)
+    listen_address: str = "0.0.0.0"
+    peer_port: int = 6783
+    vxlan_port: int = 6783
+    vni: int = 42
+    subnet: str = "10.100.101.0/24"
+    log_level: str = "info"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def cnvms_dir(self) -> Path:
+        return self.state_dir / "cnvms"
+
+
+_PATH_FIELDS = {f.name for f in fields(Config) if f.type in ("Path", Path)}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load(path: Path | None = None, **overrides: Any) -> Config:
+    """Read the TOML file (if any) then apply non-None overrides."""
+    values: dict[str, Any] = {}
+    cfg_path = path or Path(os.environ.get("CNVMD_CONFIG", DEFAULT_CONFIG))
+    if cfg_path.exists():
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{cfg_path}: {exc}") from None
+        values.update(_flatten(data))
+    elif path is not None:
+        raise ConfigError(f"config file {path} does not exist")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    for k in _PATH_FIELDS & set(values):
+        values[k] = Path(values[k])
+    return replace(Config(), **values)
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept both flat keys and [daemon]/[network]/[peers] tables."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            out[k.replace("-", "_")] = v
+    return out
