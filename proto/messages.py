@@ -17,7 +17,8 @@ Error codes are stable strings (never renumbered) so scripts can branch on them.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 PROTOCOL_VERSION = 1
 
@@ -92,3 +93,144 @@ def event(req_id: int, name: str, data: dict[str, Any] | None = None) -> dict[st
 
 def cancel(req_id: int) -> dict[str, Any]:
     return {"t": "cancel", "id": req_id}
+
+
+# --------------------------------------------------------------------------
+# Additions for the daemon API (issue 3): version negotiation, envelope
+# validation shared by every server and client, event names, and light typed
+# shapes of the core ops' results. Validation lives here (not in the server) so
+# the peer protocol and any other transport reject the same inputs the same way.
+
+MIN_PROTOCOL_VERSION = 1
+"""Oldest protocol version a server still accepts in a client's hello."""
+
+MAX_ID_LEN = 64
+"""Longest string request id accepted (integer ids are any int64)."""
+
+EVT_PROGRESS = "progress"
+"""Progress event; data is a ProgressData map. cnvmctl's progress bar draws these."""
+
+EVT_LOG = "log"
+"""Free-text line for the operator; data is ``{level, message}``."""
+
+
+def negotiate(client_proto: Any) -> int:
+    """The version a server speaks with a client that announced ``client_proto``.
+
+    The client announces the highest version it speaks; the server answers with
+    min(client, server). Anything older than MIN_PROTOCOL_VERSION is refused.
+    """
+    if not isinstance(client_proto, int) or isinstance(client_proto, bool):
+        raise ProtoError(ErrorCode.UNSUPPORTED_VERSION,
+                         f"hello.proto must be an integer, got {client_proto!r}")
+    if client_proto < MIN_PROTOCOL_VERSION:
+        raise ProtoError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {client_proto} is not supported; this daemon speaks "
+            f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
+            {"min": MIN_PROTOCOL_VERSION, "max": PROTOCOL_VERSION},
+        )
+    return min(client_proto, PROTOCOL_VERSION)
+
+
+def valid_id(req_id: Any) -> bool:
+    """Request ids are int64 integers or short strings (scripts may prefer strings)."""
+    if isinstance(req_id, bool):
+        return False
+    if isinstance(req_id, int):
+        return -(2**63) <= req_id < 2**63
+    return isinstance(req_id, str) and 0 < len(req_id) <= MAX_ID_LEN
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    proto: Any
+    agent: str
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int | str
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: int | str
+
+
+def parse_client_frame(obj: dict[str, Any]) -> Hello | Request | Cancel:
+    """Validate one decoded frame sent by a client.
+
+    Raises ProtoError(BAD_REQUEST) whose ``details["id"]`` carries the request id
+    when one could be read, so the server can address its error reply.
+    """
+    t = obj.get("t")
+    if t == "req":
+        rid = obj.get("id")
+        if not valid_id(rid):
+            raise ProtoError(ErrorCode.BAD_REQUEST,
+                             "req.id must be an int64 or a string of 1..64 characters")
+        op = obj.get("op")
+        if not isinstance(op, str) or not op:
+            raise ProtoError(ErrorCode.BAD_REQUEST, "req.op must be a non-empty string",
+                             {"id": rid})
+        args = obj.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ProtoError(ErrorCode.BAD_REQUEST,
+                             f"req.args must be a map, got {type(args).__name__}", {"id": rid})
+        return Request(rid, op, args)
+    if t == "cancel":
+        rid = obj.get("id")
+        if not valid_id(rid):
+            raise ProtoError(ErrorCode.BAD_REQUEST, "cancel.id must be a valid request id")
+        return Cancel(rid)
+    if t == "hello":
+        agent = obj.get("agent", "")
+        extra = {k: v for k, v in obj.items() if k not in ("t", "proto", "agent")}
+        return Hello(obj.get("proto"), agent if isinstance(agent, str) else repr(agent), extra)
+    raise ProtoError(ErrorCode.BAD_REQUEST, f"unknown frame type t={t!r}")
+
+
+# ---- typed shapes (documentation for plug-in authors; not enforced on the wire)
+
+
+class ProgressData(TypedDict, total=False):
+    """``evt`` data for EVT_PROGRESS. Every key is optional."""
+
+    phase: str  # short phase name: "dump", "transfer", "restore", ...
+    done: int  # units done in this phase
+    total: int  # units in this phase, when known
+    unit: str  # "bytes" (rendered as sizes/rates) or anything else (plain counts)
+    round: int  # iteration number for iterative phases (pre-copy rounds)
+    message: str  # one human line
+
+
+class CnvmSummary(TypedDict, total=False):
+    """One row of ``ls`` (and the core of ``inspect``)."""
+
+    name: str
+    state: str  # runc status (running/paused/stopped/created), or "missing"
+    pid: int | None
+    managed: bool  # a cnvm record exists (False: found in our runc root only)
+    adopted: bool  # already running when this daemon started; it took it over
+    image: str | None
+    ip: str | None
+    node: str
+    created: str | None  # runc's creation time (RFC 3339)
+    uptime: float | None  # seconds since creation while running
+
+
+class StatusResult(TypedDict, total=False):
+    node: str
+    versions: dict[str, str | None]  # cnvmd, runc, criu, kernel, python, protocol
+    capabilities: dict[str, Any]  # Capabilities.to_dict() plus "error" if probing failed
+    paths: dict[str, str]
+    pid: int
+    started: float  # unix time
+    uptime: float
+    ops: list[str]
