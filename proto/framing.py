@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -57,8 +58,15 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        return list(self.feed_iter(data))
+
+    def feed_iter(self, data: bytes) -> Iterator[dict[str, Any]]:
+        """Like `feed`, but yields each message as soon as it is decoded.
+
+        Messages that precede a framing error in the same chunk are thus still
+        delivered (and answered) before the FrameError is raised.
+        """
         self._buf += data
-        out: list[dict[str, Any]] = []
         while len(self._buf) >= HEADER_SIZE:
             (n,) = _HEADER.unpack_from(self._buf)
             if n > self.max_frame:
@@ -67,8 +75,7 @@ class FrameDecoder:
                 break
             body = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + n])
             del self._buf[: HEADER_SIZE + n]
-            out.append(decode_body(body))
-        return out
+            yield decode_body(body)
 
     @property
     def pending(self) -> int:

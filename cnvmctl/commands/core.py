@@ -1,0 +1,146 @@
+"""Core commands: status, ls, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from typing import Any
+
+from cnvmctl.context import Ctx
+from cnvmctl.output import cell, duration, print_kv, print_table, print_tree, size
+from cnvmctl.registry import arg, command
+
+
+def _yn(v: Any) -> str:
+    return "yes" if v is True else "no" if v is False else cell(v)
+
+
+def render_status(st: dict[str, Any]) -> None:
+    v = st.get("versions", {})
+    paths = st.get("paths", {})
+    print_kv([
+        ("node", st.get("node")),
+        ("cnvmd", f"{v.get('cnvmd')} (protocol {v.get('protocol')}, pid {st.get('pid')}, "
+                  f"up {duration(st.get('uptime'))})"),
+        ("runc", v.get("runc") or "unavailable"),
+        ("criu", f"{v.get('criu') or 'unavailable'} ({paths.get('criu')})"),
+        ("kernel", v.get("kernel")),
+        ("socket", paths.get("socket")),
+        ("state dir", paths.get("state_dir")),
+        ("runc root", paths.get("runc_root")),
+        ("adopted", ", ".join(st.get("adopted") or []) or "-"),
+    ])
+    caps = st.get("capabilities", {})
+    print("capabilities:")
+    if "error" in caps:
+        print(f"  probe failed: {caps['error']}")
+    else:
+        pms = caps.get("pipe_max_size")
+        need = caps.get("lazy_pipe_min")
+        print_kv([
+            ("dirty tracking (pre-copy)", _yn(caps.get("mem_dirty_track"))),
+            ("userfaultfd (post-copy)", _yn(caps.get("uffd_noncoop"))),
+            ("TCP repair (live connections)", _yn(caps.get("tcp_repair"))),
+            ("fs.pipe-max-size", f"{size(pms)}" + (f" (lazy pages need >= {size(need)})"
+                                                   if isinstance(need, int) and
+                                                   isinstance(pms, int) and pms < need else "")),
+            ("lazy pages ready", _yn(caps.get("lazy_pages_ready"))),
+        ], indent=2)
+    failed = st.get("plugins_failed") or {}
+    for mod, err in failed.items():
+        print(f"warning: daemon module {mod} failed to load: {err}")
+
+
+@command("status", help="show the node's versions and capabilities",
+         description="Show which node the daemon runs, the versions of cnvmd, runc, CRIU "
+                     "and the kernel,\nand what this host can do for migrations "
+                     "(probed once at daemon start).",
+         epilog="JSON fields: node, versions{cnvmd,runc,criu,kernel,protocol}, capabilities"
+                "{mem_dirty_track,\nuffd_noncoop,tcp_repair,pipe_max_size,lazy_pages_ready}, "
+                "paths, pid, uptime, adopted, ops.")
+async def status(ctx: Ctx, a: argparse.Namespace) -> None:
+    ctx.output(await ctx.call("status"), render_status)
+
+
+def _state(r: dict[str, Any]) -> str:
+    notes = []
+    if r.get("adopted"):
+        notes.append("adopted")
+    if r.get("managed") is False:
+        notes.append("unmanaged")
+    return cell(r.get("state")) + (f" ({', '.join(notes)})" if notes else "")
+
+
+LS_COLUMNS = [("NAME", "name"), ("STATE", "state"), ("PID", "pid"), ("IMAGE", "image"),
+              ("IP", "ip"), ("MEMORY", "memory"), ("UPTIME", "uptime")]
+
+
+def render_ls(rows: list[dict[str, Any]]) -> None:
+    print_table([{**r, "state": _state(r)} for r in rows], LS_COLUMNS,
+                {"uptime": duration,
+                 "memory": lambda m: size(m) if isinstance(m, int) else cell(m)})
+
+
+@command("ls", help="list this node's cnvms",
+         description="List the node's cnvms: their live state as runc reports it, joined with "
+                     "the daemon's records.\n\n"
+                     "STATE notes: 'adopted' = already running when this daemon started "
+                     "(it took it over);\n'unmanaged' = a container in the daemon's runc root "
+                     "without a cnvm record;\n'missing' = recorded as running but no container "
+                     "exists.")
+async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
+    ctx.output(await ctx.call("ls"), render_ls)
+
+
+def render_inspect(r: dict[str, Any]) -> None:
+    created = r.get("created")
+    print_kv([("name", r.get("name")), ("state", _state(r)), ("pid", r.get("pid")),
+              ("node", r.get("node")), ("image", r.get("image")), ("ip", r.get("ip")),
+              ("created", created), ("uptime", duration(r.get("uptime")))])
+    adoption = r.get("adoption")
+    if adoption:
+        at = datetime.datetime.fromtimestamp(adoption["at"], datetime.UTC)
+        print(f"adopted   pid {adoption['pid']} at {at:%Y-%m-%d %H:%M:%S}Z")
+    if r.get("record"):
+        print("record:")
+        print_tree(r["record"], 2)
+    if r.get("runc"):
+        print("runc:")
+        print_tree(r["runc"], 2)
+
+
+@command("inspect", help="show one cnvm in detail",
+         description="Show one cnvm: live state, its record (image, IP, limits, history) and "
+                     "runc's view.",
+         args=[arg("name", metavar="NAME", help="the cnvm's name")])
+async def inspect(ctx: Ctx, a: argparse.Namespace) -> None:
+    ctx.output(await ctx.call("inspect", {"name": a.name}), render_inspect)
+
+
+@command("ping", help="check that the daemon answers, and how fast",
+         description="Send COUNT ping requests one after the other and print the round-trip "
+                     "times.\nWith --delay the daemon waits that long per ping and streams "
+                     "progress events\n(shown as a progress bar); Ctrl-C cancels the request.",
+         args=[arg("-c", "--count", type=int, default=1, metavar="N",
+                   help="number of pings (default 1)"),
+               arg("--delay", type=float, default=0.0, metavar="SECONDS",
+                   help="ask the daemon to wait this long before answering")])
+async def ping(ctx: Ctx, a: argparse.Namespace) -> None:
+    c = await ctx.client()
+    times = []
+    for _ in range(max(1, a.count)):
+        t0 = time.perf_counter()
+        if a.delay:
+            with ctx.progress(f"ping {c.server.get('node')}") as p:
+                await ctx.call("ping", {"delay": a.delay}, on_event=p.on_event)
+        else:
+            await ctx.call("ping")
+        times.append((time.perf_counter() - t0) * 1e3)
+    res = {"node": c.server.get("node"), "version": c.server.get("version"),
+           "count": len(times), "min_ms": min(times), "median_ms": statistics.median(times),
+           "max_ms": max(times)}
+    ctx.output(res, lambda r: print(
+        f"{r['node']} (cnvmd {r['version']}): {r['count']} ping(s), round trip "
+        f"min {r['min_ms']:.3f} ms, median {r['median_ms']:.3f} ms, max {r['max_ms']:.3f} ms"))

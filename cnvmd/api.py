@@ -1,0 +1,709 @@
+"""The daemon's request API: an op registry (Router) and a Unix-socket server.
+
+Subsystems never edit the server. A module in the ``cnvmd`` package that defines a
+module-level ``router = Router()`` is discovered by the daemon at start, and its ops
+and start/stop hooks are merged into the daemon's:
+
+    router = Router()
+
+    @router.op("deploy")
+    async def deploy(ctx: Context, args: Args) -> dict:
+        \"\"\"Deploy a cnvm from an image.\"\"\"       # first line is the op's summary
+        name = args.name("name")                      # validated, else INVALID_ARGUMENT
+        ctx.progress("unpack", done=0, total=3)       # streamed to the caller
+        ...
+        raise ProtoError(ErrorCode.ALREADY_EXISTS, f"cnvm {name} exists")  # clean error
+        return {"name": name}                         # msgpack-able result
+
+    @router.on_startup
+    async def adopt(daemon: Daemon) -> None: ...
+
+Every request runs in its own task, so a slow op never delays others on the same
+connection; ``cancel`` cancels that task (handlers see CancelledError, clean up,
+and the caller gets CANCELLED). The connection handling (`Session`) is transport
+agnostic so the peer protocol can reuse it over SSH channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import dataclasses
+import enum
+import errno
+import grp
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgpack
+
+from proto.framing import HEADER_SIZE, MAX_FRAME, FrameDecoder, FrameError
+from proto.messages import (
+    EVT_PROGRESS,
+    Cancel,
+    ErrorCode,
+    Hello,
+    ProtoError,
+    Request,
+    error_response,
+    negotiate,
+    parse_client_frame,
+)
+
+if TYPE_CHECKING:
+    from cnvmd.daemon import Daemon
+
+log = logging.getLogger("cnvmd.api")
+
+Handler = Callable[["Context", "Args"], Awaitable[Any]]
+Hook = Callable[["Daemon"], Awaitable[None]]
+
+MAX_INFLIGHT = 1024
+"""Concurrent requests per connection; more get BUSY (a runaway client, not a user)."""
+MAX_WRITE_BUFFER = 64 * 1024 * 1024
+"""A client that lets this much reply data pile up unread is disconnected."""
+HELLO_TIMEOUT = 10.0
+"""A connection that has not said hello by then is closed (fd hygiene)."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    name: str
+    handler: Handler
+    summary: str
+    cancel_on_disconnect: bool = True
+    module: str = ""
+
+
+class Router:
+    """A set of ops plus start/stop hooks; routers merge with `include`."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, OpSpec] = {}
+        self.startup: list[Hook] = []
+        self.shutdown: list[Hook] = []
+
+    def op(self, name: str, *, cancel_on_disconnect: bool = True,
+           summary: str | None = None) -> Callable[[Handler], Handler]:
+        """Register ``async def h(ctx, args)`` as op `name`.
+
+        cancel_on_disconnect=False keeps the op running when its caller goes away
+        (e.g. a teleport must finish or roll back on its own; its events are dropped).
+        """
+        if not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", name):
+            raise ValueError(f"bad op name {name!r}")
+
+        def deco(fn: Handler) -> Handler:
+            if not asyncio.iscoroutinefunction(fn):
+                raise TypeError(f"op {name}: handler must be `async def`")
+            if name in self.ops:
+                raise ValueError(f"op {name!r} registered twice")
+            doc = summary or next(iter((fn.__doc__ or "").strip().splitlines()), "")
+            self.ops[name] = OpSpec(name, fn, doc, cancel_on_disconnect, fn.__module__)
+            return fn
+
+        return deco
+
+    def on_startup(self, fn: Hook) -> Hook:
+        """Run `await fn(daemon)` after config/state/probe, before the socket opens."""
+        self.startup.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Hook) -> Hook:
+        """Run `await fn(daemon)` on SIGTERM after requests were cancelled (reverse order)."""
+        self.shutdown.append(fn)
+        return fn
+
+    def include(self, other: Router) -> None:
+        for name, spec in other.ops.items():
+            if name in self.ops:
+                raise ValueError(f"op {name!r} defined by both {self.ops[name].module} and "
+                                 f"{spec.module}")
+            self.ops[name] = spec
+        self.startup.extend(other.startup)
+        self.shutdown.extend(other.shutdown)
+
+
+# --------------------------------------------------------------------------- arguments
+
+_REQUIRED: Any = object()
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _bad(key: str, why: str) -> ProtoError:
+    return ProtoError(ErrorCode.INVALID_ARGUMENT, f"argument {key!r} {why}", {"arg": key})
+
+
+class Args(Mapping[str, Any]):
+    """A request's args with typed getters that raise INVALID_ARGUMENT, never KeyError.
+
+    ``args.str("image")`` is required; pass ``default=`` to make a key optional.
+    Call ``args.reject_unknown()`` after reading to refuse typos like ``--memroy``.
+    """
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self._raw = raw
+        self._seen: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._raw[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def _get(self, key: str, default: Any) -> tuple[bool, Any]:
+        self._seen.add(key)
+        if key not in self._raw or self._raw[key] is None:
+            if default is _REQUIRED:
+                raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"missing argument {key!r}",
+                                 {"arg": key})
+            return False, default
+        return True, self._raw[key]
+
+    def str(self, key: str, default: Any = _REQUIRED, *, pattern: str | None = None,
+            choices: tuple[str, ...] | list[str] | None = None, max_len: int = 4096) -> Any:
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if not isinstance(v, str):
+            raise _bad(key, f"must be a string, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise _bad(key, f"is longer than {max_len} characters")
+        if pattern is not None and not re.fullmatch(pattern, v):
+            raise _bad(key, f"must match {pattern}, got {v!r}")
+        if choices is not None and v not in choices:
+            raise _bad(key, f"must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    def name(self, key: str = "name", default: Any = _REQUIRED) -> Any:
+        """A cnvm/host name: a DNS label (lowercase letters, digits, '-', max 63)."""
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if not isinstance(v, str) or not _DNS_LABEL.match(v):
+            raise _bad(key, f"must be a DNS label (a-z, 0-9, '-', 1-63 chars), got {v!r}")
+        return v
+
+    def int(self, key: str, default: Any = _REQUIRED, *, min: int | None = None,
+            max: int | None = None) -> Any:
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _bad(key, f"must be an integer, got {type(v).__name__}")
+        if min is not None and v < min:
+            raise _bad(key, f"must be >= {min}, got {v}")
+        if max is not None and v > max:
+            raise _bad(key, f"must be <= {max}, got {v}")
+        return v
+
+    def float(self, key: str, default: Any = _REQUIRED, *, min: float | None = None,
+              max: float | None = None) -> Any:
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _bad(key, f"must be a number, got {type(v).__name__}")
+        if min is not None and v < min:
+            raise _bad(key, f"must be >= {min}, got {v}")
+        if max is not None and v > max:
+            raise _bad(key, f"must be <= {max}, got {v}")
+        return float(v)
+
+    def bool(self, key: str, default: Any = _REQUIRED) -> Any:
+        have, v = self._get(key, default)
+        if have and not isinstance(v, bool):
+            raise _bad(key, f"must be true or false, got {type(v).__name__}")
+        return v
+
+    def list(self, key: str, default: Any = _REQUIRED, *, of: type = builtins.str) -> Any:
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if not isinstance(v, list) or not all(isinstance(x, of) for x in v):
+            raise _bad(key, f"must be a list of {of.__name__}")
+        return v
+
+    def map(self, key: str, default: Any = _REQUIRED) -> Any:
+        have, v = self._get(key, default)
+        if have and not isinstance(v, dict):
+            raise _bad(key, f"must be a map, got {type(v).__name__}")
+        return v
+
+    def reject_unknown(self) -> None:
+        extra = sorted(set(self._raw) - self._seen)
+        if extra:
+            raise ProtoError(ErrorCode.INVALID_ARGUMENT,
+                             f"unknown argument{'s' if len(extra) > 1 else ''}: "
+                             + ", ".join(map(repr, extra)), {"args": extra})
+
+
+# --------------------------------------------------------------------------- context
+
+
+class PeerCred(NamedTuple):
+    pid: int
+    uid: int
+    gid: int
+
+
+class Context:
+    """What a handler gets besides its args: who asked, and a way to stream events."""
+
+    __slots__ = ("daemon", "finished", "log", "op", "peer", "request_id", "session")
+
+    def __init__(self, session: Session, request_id: Any, op: str) -> None:
+        self.session = session
+        self.daemon: Daemon = session.daemon
+        self.request_id = request_id
+        self.op = op
+        self.peer = session.peer
+        self.log = log
+        self.finished = False  # set once the res was sent: later events are dropped
+
+    @property
+    def connected(self) -> bool:
+        """False once the caller went away (events are then dropped)."""
+        return not self.session.closed and not self.finished
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        """Send an ``evt`` for this request; never blocks (see `drain`)."""
+        if not self.session.closed and not self.finished:
+            self.session.send({"t": "evt", "id": self.request_id, "event": event,
+                               "data": data or {}})
+
+    def progress(self, phase: str, *, done: int | None = None, total: int | None = None,
+                 unit: str | None = None, **extra: Any) -> None:
+        """Emit a ``progress`` event (proto.messages.ProgressData) for cnvmctl's bar."""
+        data: dict[str, Any] = {"phase": phase, **extra}
+        if done is not None:
+            data["done"] = done
+        if total is not None:
+            data["total"] = total
+        if unit is not None:
+            data["unit"] = unit
+        self.emit(EVT_PROGRESS, data)
+
+    async def drain(self) -> None:
+        """Wait until the caller has read what we sent (use in tight emit loops)."""
+        await self.session.drain()
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _wire_default(obj: Any) -> Any:
+    """Let handlers return paths, enums, sets and dataclasses without converting."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
+
+
+_HEADER = struct.Struct(">I")
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True, default=_wire_default)
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"reply of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return _HEADER.pack(len(body)) + body
+
+
+assert HEADER_SIZE == _HEADER.size
+
+
+class Session:
+    """One client connection's protocol state, independent of the transport.
+
+    The transport calls `feed(bytes)` and `lost()`; the session calls `write` and
+    `close` it was given. Framing errors close the connection (a length-prefixed
+    stream cannot be resynchronised); envelope errors only fail that request.
+    """
+
+    def __init__(self, router: Router, daemon: Any, write: Callable[[bytes], None],
+                 close: Callable[[], None], *, peer: PeerCred | None = None,
+                 buffered: Callable[[], int] = lambda: 0,
+                 tasks: set[asyncio.Task[Any]] | None = None) -> None:
+        self.router = router
+        self.daemon = daemon
+        self.peer = peer
+        self._write = write
+        self._close = close
+        self._buffered = buffered
+        self._decoder = FrameDecoder(MAX_FRAME)
+        self._inflight: dict[Any, tuple[asyncio.Task[Any], OpSpec]] = {}
+        self._all_tasks = tasks if tasks is not None else set()
+        self._greeted = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.closed = False
+        self.agent = ""
+        self.shutting_down = False
+
+    # -- transport side
+    def feed(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            for f in self._decoder.feed_iter(data):
+                self._frame(f)
+                if self.closed:
+                    return
+        except FrameError as exc:
+            self._fatal(ErrorCode.BAD_FRAME, str(exc))
+
+    def lost(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._drained.set()
+        for task, spec in list(self._inflight.values()):
+            if spec.cancel_on_disconnect:
+                task.cancel()
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+
+    # -- protocol
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self._write(encode(msg))
+        if self._buffered() > MAX_WRITE_BUFFER:
+            log.warning("closing connection: client does not read its replies",
+                        extra={"agent": self.agent, "peer_pid": self.peer and self.peer.pid})
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._close()
+            self.lost()
+
+    def _fatal(self, code: ErrorCode, message: str) -> None:
+        log.info("closing connection: %s", message,
+                 extra={"code": str(code), "agent": self.agent,
+                        "peer_pid": self.peer and self.peer.pid})
+        try:
+            self.send(error_response(None, ProtoError(code, message)))
+        finally:
+            self.close()
+
+    def _frame(self, obj: dict[str, Any]) -> None:
+        try:
+            msg = parse_client_frame(obj)
+        except ProtoError as exc:
+            rid = exc.details.pop("id", None)
+            if not self._greeted:
+                self._fatal(ErrorCode.BAD_REQUEST, f"expected a hello frame first: {exc.message}")
+            else:
+                self.send(error_response(rid, exc))
+            return
+        if not self._greeted:
+            if not isinstance(msg, Hello):
+                self._fatal(ErrorCode.BAD_REQUEST, "the first frame must be a hello")
+                return
+            try:
+                version = negotiate(msg.proto)
+            except ProtoError as exc:
+                log.info("refusing client: %s", exc.message, extra={"agent": msg.agent})
+                try:
+                    self.send(error_response(None, exc))
+                finally:
+                    self.close()
+                return
+            self._greeted = True
+            self.agent = msg.agent[:100]
+            self.send(self.daemon.hello_reply(version))
+            return
+        if isinstance(msg, Request):
+            self._request(msg)
+        elif isinstance(msg, Cancel):
+            entry = self._inflight.get(msg.id)
+            if entry is not None:
+                entry[0].cancel()
+        else:
+            self.send(error_response(None, ProtoError(ErrorCode.BAD_REQUEST,
+                                                      "hello was already exchanged")))
+
+    def _request(self, req: Request) -> None:
+        if req.id in self._inflight:
+            self.send(error_response(None, ProtoError(
+                ErrorCode.BAD_REQUEST, f"request id {req.id!r} is already in flight",
+                {"id": req.id})))
+            return
+        spec = self.router.ops.get(req.op)
+        if spec is None:
+            self.send(error_response(req.id, ProtoError(
+                ErrorCode.UNKNOWN_OP, f"unknown op {req.op!r}",
+                {"ops": sorted(self.router.ops)})))
+            return
+        if self.shutting_down:
+            self.send(error_response(req.id, ProtoError(ErrorCode.UNAVAILABLE,
+                                                        "cnvmd is shutting down")))
+            return
+        if len(self._inflight) >= MAX_INFLIGHT:
+            self.send(error_response(req.id, ProtoError(
+                ErrorCode.BUSY, f"more than {MAX_INFLIGHT} requests in flight")))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(req, spec))
+        self._inflight[req.id] = (task, spec)
+        self._all_tasks.add(task)
+        task.add_done_callback(self._all_tasks.discard)
+        task.add_done_callback(lambda t, rid=req.id: self._task_done(rid, t))
+
+    def _cancel_error(self) -> ProtoError:
+        if self.shutting_down:
+            return ProtoError(ErrorCode.UNAVAILABLE, "cnvmd is shutting down")
+        return ProtoError(ErrorCode.CANCELLED, "cancelled by the client")
+
+    def _task_done(self, rid: Any, task: asyncio.Task[Any]) -> None:
+        """A task cancelled before it ever ran never enters _run: answer for it here."""
+        entry = self._inflight.get(rid)
+        if entry is not None and entry[0] is task:
+            del self._inflight[rid]
+            if not self.closed:
+                self._write(encode(error_response(rid, self._cancel_error())))
+
+    async def _run(self, req: Request, spec: OpSpec) -> None:
+        t0 = time.perf_counter()
+        ctx = Context(self, req.id, req.op)
+        outcome = "ok"
+        try:
+            msg: dict[str, Any]
+            try:
+                result = await spec.handler(ctx, Args(req.args))
+                msg = {"t": "res", "id": req.id, "ok": True, "result": result}
+            except ProtoError as exc:
+                outcome = str(exc.code)
+                msg = error_response(req.id, exc)
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                msg = error_response(req.id, self._cancel_error())
+            except Exception as exc:
+                outcome = "internal"
+                log.exception("op %s failed", req.op, extra={"op": req.op})
+                msg = error_response(req.id, ProtoError(
+                    ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            try:
+                reply = encode(msg)
+            except Exception as exc:  # result (or error details) not serialisable / too big
+                outcome = "internal"
+                log.error("op %s: cannot encode its reply", req.op,
+                          extra={"op": req.op, "error": str(exc)})
+                reply = encode(error_response(req.id, ProtoError(
+                    ErrorCode.INTERNAL, f"op {req.op} produced an unsendable reply: {exc}")))
+            ctx.finished = True
+            if not self.closed:
+                self._write(reply)
+        finally:
+            self._inflight.pop(req.id, None)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request", extra={"op": req.op, "outcome": outcome,
+                                            "ms": round((time.perf_counter() - t0) * 1e3, 3)})
+
+
+# --------------------------------------------------------------------------- unix server
+
+
+class _UnixProtocol(asyncio.Protocol):
+    def __init__(self, server: ApiServer) -> None:
+        self.server = server
+        self.session: Session | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: duck-typed.
+        self.transport = transport
+        self.session = Session(
+            self.server.router, self.server.daemon, transport.write, transport.close,
+            peer=_peercred(transport), buffered=transport.get_write_buffer_size,
+            tasks=self.server.tasks)
+        self.server.sessions.add(self.session)
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if self.session is not None and not self.session._greeted:
+            self.session._fatal(ErrorCode.BAD_REQUEST, f"no hello within {HELLO_TIMEOUT:g}s")
+
+    def data_received(self, data: bytes) -> None:
+        assert self.session is not None
+        self.session.feed(data)
+        if self.session._greeted and self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def eof_received(self) -> bool:
+        return False  # half-close from the client: we close too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if self.session is not None:
+            self.session.lost()
+            self.server.sessions.discard(self.session)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
+
+def _peercred(transport: asyncio.BaseTransport) -> PeerCred | None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return PeerCred(*struct.unpack("3i", raw))
+    except OSError:
+        return None
+
+
+class SocketInUse(Exception):
+    """Another live daemon already answers on the socket path."""
+
+
+class ApiServer:
+    """Serves a Router on a Unix socket (mode 0660, group `cnvm` when it exists)."""
+
+    def __init__(self, router: Router, daemon: Any) -> None:
+        self.router = router
+        self.daemon = daemon
+        self.sessions: set[Session] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.path: Path | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._desc: dict[str, Any] = {}
+        self._inode: int | None = None
+
+    async def start(self, path: Path, *, mode: int = 0o660, group: str | None = "cnvm") -> None:
+        """bind() then serve()."""
+        await self.bind(path, mode=mode, group=group)
+        await self.serve()
+
+    async def bind(self, path: Path, *, mode: int = 0o660, group: str | None = "cnvm") -> None:
+        """Claim the socket path (refusing a live daemon's) without accepting yet.
+
+        The daemon binds first, then runs the subsystems' startup hooks, then serves:
+        a second daemon on the same socket fails before touching anything.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await _clear_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777 & ~mode)  # no window in which the socket is wider than `mode`
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        gid = _group_id(group)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        self._inode = os.stat(path).st_ino
+        self.path = path
+        sock.listen(256)
+        sock.setblocking(False)
+        self._sock = sock
+        self._desc = {"socket": str(path), "mode": oct(mode),
+                      "group": group if gid is not None else None}
+
+    async def serve(self) -> None:
+        """Start accepting connections on the bound socket."""
+        assert self._sock is not None, "bind() first"
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _UnixProtocol(self), sock=self._sock)
+        log.info("listening", extra={**self._desc, "ops": len(self.router.ops)})
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, cancel in-flight requests (they reply UNAVAILABLE), close."""
+        if self._server is not None:
+            self._server.close()
+        elif self._sock is not None:
+            self._sock.close()
+        for s in list(self.sessions):
+            s.shutting_down = True
+        pending = [t for t in self.tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            if still:
+                log.warning("requests did not finish within the grace period",
+                            extra={"count": len(still)})
+        for s in list(self.sessions):
+            s.close()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Remove our socket file, unless another daemon has replaced it meanwhile."""
+        if self.path is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _group_id(group: str | None) -> int | None:
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+async def _clear_stale_socket(path: Path) -> None:
+    """Remove a dead daemon's socket; refuse to steal a live one's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; remove it or pick another path")
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise SocketInUse(f"cannot check {path}: {exc}") from None
+    except TimeoutError:
+        raise SocketInUse(f"{path} accepts connections but does not answer") from None
+    w.close()
+    raise SocketInUse(f"another cnvmd is already listening on {path}")

@@ -1,0 +1,296 @@
+"""Wiring of the daemon: config → logs → state → capability probe → plug-ins → API.
+
+The daemon owns nothing that must die with it: containers are runc's, records are
+on disk, so a crash or restart loses no cnvm. On start it re-reads both and adopts
+what is running (see cnvmd.inventory). Subsystems plug in by defining a module-level
+``router`` (cnvmd.api.Router) in any module of the ``cnvmd`` package; the daemon
+discovers them here, so adding a subsystem never edits this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import pkgutil
+import platform
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import cnvmd
+from cnvmd import criu, proc
+from cnvmd.api import ApiServer, Router, SocketInUse
+from cnvmd.config import Config
+from cnvmd.state import StateStore
+from proto.messages import PROTOCOL_VERSION
+
+log = logging.getLogger("cnvmd")
+
+# --------------------------------------------------------------------------- logging
+
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+           logging.CRITICAL: 2}
+
+
+def _logfmt_value(v: Any) -> str:
+    if isinstance(v, list | tuple | set):
+        v = ",".join(map(str, v))
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    if s == "" or any(c in s for c in ' "=\n\t'):
+        return json.dumps(s)
+    return s
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per record: ``level=info logger=cnvmd.api msg="listening" key=value…``.
+
+    Under systemd (JOURNAL_STREAM set) lines start with a ``<N>`` syslog priority,
+    which journald turns into the entry's priority, and carry no timestamp (journald
+    adds its own); on a terminal they start with a UTC timestamp instead.
+    """
+
+    def __init__(self, journal: bool, node: str) -> None:
+        super().__init__()
+        self.journal = journal
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if self.journal:
+            prefix = f"<{_SYSLOG.get(record.levelno, 6)}>"
+        else:
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            prefix = f"{ts}.{int(record.msecs):03d}Z "
+        parts.append(f"{prefix}level={record.levelname.lower()} node={_logfmt_value(self.node)} "
+                     f"logger={record.name} msg={_logfmt_value(record.getMessage())}")
+        for k, v in record.__dict__.items():
+            if k not in _STD_ATTRS and not k.startswith("_") and v is not None:
+                parts.append(f"{k}={_logfmt_value(v)}")
+        line = " ".join(parts)
+        if record.exc_info:
+            tb = self.formatException(record.exc_info).replace("\n", "\n    ")
+            line += f"\n    {tb}"
+        return line
+
+
+def setup_logging(level: str, node: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter(bool(os.environ.get("JOURNAL_STREAM")), node))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("asyncssh").setLevel(max(root.level, logging.WARNING))
+
+
+# --------------------------------------------------------------------------- sd_notify
+
+
+def sd_notify(state: str) -> bool:
+    """Send a notification to systemd (Type=notify) without libsystemd.
+
+    $NOTIFY_SOCKET is a datagram socket path, or an abstract one when it starts with
+    '@'. Returns False when not under systemd or on error (never fatal).
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify failed", extra={"error": str(exc)})
+        return False
+
+
+# --------------------------------------------------------------------------- plug-ins
+
+_SKIP_MODULES = {"__main__", "daemon"}
+
+
+def discover_routers(package: Any = cnvmd) -> tuple[Router, list[str], dict[str, str]]:
+    """Import every module of the cnvmd package and merge each module-level `router`.
+
+    A module that fails to import is logged and skipped (its ops are missing, the
+    rest of the daemon works); `status` lists it under `plugins_failed`.
+    """
+    merged = Router()
+    loaded: list[str] = []
+    failed: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name in _SKIP_MODULES or info.name.startswith("_"):
+            continue
+        modname = f"{package.__name__}.{info.name}"
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as exc:
+            log.error("plug-in failed to import; its ops are unavailable",
+                      exc_info=True, extra={"module": modname})
+            failed[modname] = f"{type(exc).__name__}: {exc}"
+            continue
+        r = getattr(mod, "router", None)
+        if isinstance(r, Router):
+            try:
+                merged.include(r)
+            except ValueError as exc:
+                log.error("plug-in rejected", extra={"module": modname, "error": str(exc)})
+                failed[modname] = str(exc)
+                continue
+            loaded.append(modname)
+    return merged, loaded, failed
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+@dataclass
+class Adopted:
+    """A container this daemon instance found running at start and took over."""
+
+    runc_id: str
+    pid: int
+    at: float
+
+
+@dataclass
+class Daemon:
+    """Everything handlers reach through ``ctx.daemon``.
+
+    ``services`` is a free-form registry where subsystems publish shared objects in
+    their startup hook (``daemon.services["runtime"] = Runtime(...)``) for others.
+    """
+
+    config: Config
+    state: StateStore
+    router: Router
+    started: float = field(default_factory=time.time)
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    caps: criu.Capabilities | None = None
+    caps_error: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    adopted: dict[str, Adopted] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)
+    plugins_failed: dict[str, str] = field(default_factory=dict)
+    server: ApiServer | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def node_name(self) -> str:
+        return self.config.node_name
+
+    def hello_reply(self, version: int) -> dict[str, Any]:
+        return {"t": "hello", "proto": version, "agent": f"cnvmd/{cnvmd.__version__}",
+                "node": self.node_name, "version": cnvmd.__version__}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def probe(self) -> None:
+        """Versions and capabilities, once per start: later ops pick modes from these."""
+        cfg = self.config
+
+        async def runc_version() -> str | None:
+            try:
+                res = await proc.run([cfg.runc, "--version"], timeout=10)
+            except proc.CommandError as exc:
+                log.error("runc not usable", extra={"runc": cfg.runc, "error": str(exc)})
+                return None
+            first = res.stdout.splitlines()[0] if res.stdout else ""
+            return first.removeprefix("runc version ").strip() or None
+
+        async def caps() -> None:
+            try:
+                self.caps = await criu.probe(cfg.criu)
+            except (criu.CriuError, proc.CommandError) as exc:
+                self.caps_error = str(exc)
+                log.error("CRIU probe failed: teleport will be unavailable",
+                          extra={"criu": cfg.criu, "error": str(exc)})
+
+        runc_v, _ = await asyncio.gather(runc_version(), caps())
+        self.versions = {
+            "cnvmd": cnvmd.__version__,
+            "protocol": str(PROTOCOL_VERSION),
+            "runc": runc_v,
+            "criu": self.caps.criu_version if self.caps else None,
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        }
+
+    def prepare_dirs(self) -> None:
+        """Create missing dirs with tight modes; never re-mode an existing one (/tmp!)."""
+        cfg = self.config
+        for d, mode in ((cfg.state_dir, 0o711), (cfg.run_dir, 0o755), (cfg.runc_root, 0o700),
+                        (cfg.socket_path.parent, 0o755)):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, mode)
+
+    async def run(self) -> int:
+        """Start everything, serve until SIGTERM/SIGINT, shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # no reload yet; never die
+        cfg = self.config
+        log.info("starting", extra={"version": cnvmd.__version__, "pid": os.getpid(),
+                                    "socket": str(cfg.socket_path),
+                                    "state_dir": str(cfg.state_dir),
+                                    "runc_root": str(cfg.runc_root)})
+        self.prepare_dirs()
+        from cnvmd import inventory  # core op module, always present
+
+        self.server = ApiServer(self.router, self)
+        try:
+            await self.server.bind(cfg.socket_path)  # first: a second daemon stops here
+        except SocketInUse as exc:
+            log.error("cannot start: %s", exc)
+            self.server = None
+            return 1
+        try:
+            await asyncio.gather(self.probe(), inventory.adopt(self))
+            for hook in self.router.startup:
+                await hook(self)
+            await self.server.serve()
+            sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}\nMAINPID={os.getpid()}")
+            log.info("ready", extra={"ops": sorted(self.router.ops),
+                                     "adopted": sorted(self.adopted) or None,
+                                     "startup_s": round(time.time() - self.started, 3)})
+            await self._stop.wait()
+            sd_notify("STOPPING=1")
+            log.info("stopping: cancelling requests; containers keep running")
+            await self.server.stop()
+            return 0
+        finally:
+            for hook in reversed(self.router.shutdown):  # hooks tolerate a partial start
+                try:
+                    await hook(self)
+                except Exception:
+                    log.exception("shutdown hook failed", extra={"hook": hook.__qualname__})
+            if self.server is not None:
+                await self.server.stop(grace=0)  # no-op after a clean stop; else release
+            log.info("stopped")
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("signal received", extra={"signal": signal.Signals(sig).name})
+        self.request_stop()
+
+
+async def amain(cfg: Config, extra_routers: list[Router] | None = None) -> int:
+    router, loaded, failed = discover_routers()
+    for r in extra_routers or []:
+        router.include(r)
+    daemon = Daemon(config=cfg, state=StateStore(cfg.state_dir), router=router,
+                    plugins=loaded, plugins_failed=failed)
+    return await daemon.run()
