@@ -263,6 +263,10 @@ class Lab:
                 socket=str(sock) if sock and sock.exists() else None))
         return out
 
+    def recorded_nodes(self) -> int:
+        """How many nodes the existing lab was built with (default 3 if unknown)."""
+        return int(self._load().get("nodes", 3))
+
     def exists(self) -> bool:
         return self.state_file.exists() or bool(netlink.netns_list(self.prefix))
 

@@ -1,0 +1,65 @@
+"""`cnvmctl lab …` end to end: the acceptance of the lab part of the daemon issue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnvmd import labpaths, netlink
+from cnvmd.lab import Lab
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+LAB = "lk"
+
+
+def cnvmctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cnvmctl", *args], capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+@pytest.fixture
+async def clean_lab():
+    lab = Lab(LAB)
+    if lab.exists():
+        await lab.down()
+    try:
+        yield lab
+    finally:
+        await lab.down()
+
+
+async def test_lab_up_status_exec_down(clean_lab):
+    up = cnvmctl("lab", "up", "--name", LAB, "--nodes", "3", "--json")
+    hosts = {h["host"]: h for h in json.loads(up.stdout)["hosts"]}
+    assert all(hosts[f"node{k}"]["daemon_alive"] for k in (1, 2, 3))
+
+    st = json.loads(cnvmctl("--lab", LAB, "--node", "node2", "--json", "status").stdout)
+    assert st["node"] == "node2"
+    assert st["versions"]["criu"] >= "4.2"
+
+    # the client host reaches node3 over the lab's underlay, and exit codes pass through
+    ok = cnvmctl("lab", "exec", "--name", LAB, "client", "--",
+                 "busybox", "ping", "-c1", "-W2", labpaths.underlay_address(3), check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert cnvmctl("lab", "exec", "--name", LAB, "node1", "--", "false",
+                   check=False).returncode == 1
+
+    again = cnvmctl("lab", "up", "--name", LAB, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    cnvmctl("lab", "down", "--name", LAB)
+    assert not netlink.netns_list(f"{LAB}-")
+    assert not (labpaths.RUN_BASE / LAB).exists()
+    assert not (labpaths.STATE_BASE / LAB).exists()
+    gone = cnvmctl("--lab", LAB, "--node", "node2", "status", check=False)
+    assert gone.returncode == 3
+
+
+def test_lab_usage_errors():
+    bad = cnvmctl("lab", "up", "--name", "Bad_Name", check=False)
+    assert bad.returncode == 2 and "bad lab name" in bad.stderr
+    missing = cnvmctl("lab", "status", "--name", "nosuch", check=False)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
