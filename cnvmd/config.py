@@ -40,6 +40,10 @@ class Config:
     vxlan_port: int = 6783
     vni: int = 42
     subnet: str = "10.100.101.0/24"
+    gateway: str = ""
+    """Overlay default gateway for cnvms ("" = none); reserved by IPAM."""
+    netns_prefix: str = "cnvm-"
+    """Per-cnvm netns are /run/netns/<prefix><name>; a lab node sets `<lab>-<node>-`."""
     log_level: str = "info"
 
     @property

@@ -1,0 +1,179 @@
+"""ClusterIpam (the claim protocol wired to a transport and to disk) with an
+in-process fake peer set: every call goes through `handle`, as over the mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from cnvmd.ipam import Subnet
+from cnvmd.network.addresses import ClusterIpam
+from cnvmd.network.names import NetworkError
+from cnvmd.state import StateStore
+from proto.messages import ErrorCode
+
+pytestmark = pytest.mark.unit
+
+SUBNET = "10.100.101.0/24"
+
+
+class FakePeers:
+    """Peer set of one node: the other ClusterIpams, with jitter and a `down` set."""
+
+    def __init__(self, me: str, cluster: dict[str, ClusterIpam], rng: random.Random,
+                 down: set[str]) -> None:
+        self.me, self.cluster, self.rng, self.down = me, cluster, rng, down
+        self.unreachable: set[str] = set()
+
+    def up_peers(self) -> list[str]:
+        return sorted(n for n in self.cluster if n != self.me and n not in self.down)
+
+    async def call(self, node, op, args):
+        await asyncio.sleep(self.rng.random() * 0.002)
+        if node in self.unreachable:
+            raise ConnectionError(f"{node} unreachable")
+        res = await self.cluster[node].handle(op, dict(args))
+        await asyncio.sleep(self.rng.random() * 0.002)
+        return res
+
+
+def make(names, tmp: Path | None = None, seed=0, gateway=None):
+    rng = random.Random(seed)
+    cluster: dict[str, ClusterIpam] = {}
+    down: set[str] = set()
+    for n in names:
+        store = StateStore(tmp / n) if tmp else None
+        cluster[n] = ClusterIpam(n, Subnet.parse(SUBNET, gateway), store=store)
+    for n, c in cluster.items():
+        c.peers = FakePeers(n, cluster, rng, down)
+    return cluster, down
+
+
+async def test_50_concurrent_pairs_on_two_nodes_never_share_an_address(tmp_path):
+    cluster, _ = make(["node1", "node2", "node3"], tmp_path)
+    seen: dict[str, str] = {}
+    for i in range(50):
+        a, b = await asyncio.gather(cluster["node1"].allocate(f"a{i}"),
+                                    cluster["node2"].allocate(f"b{i}"))
+        assert a != b
+        for ip, owner in ((a, f"a{i}"), (b, f"b{i}")):
+            assert ip not in seen, f"{ip} handed out twice"
+            seen[ip] = owner
+    for c in cluster.values():
+        assert c.table() == dict(sorted(seen.items()))
+
+
+async def test_same_wanted_address_on_two_nodes_one_wins():
+    for seed in range(20):
+        cluster, _ = make(["node1", "node2", "node3"], seed=seed)
+        res = await asyncio.gather(cluster["node1"].allocate("x", want="10.100.101.50"),
+                                   cluster["node3"].allocate("y", want="10.100.101.50"),
+                                   return_exceptions=True)
+        ok = [r for r in res if isinstance(r, str)]
+        assert len(ok) <= 1, res  # safety; both may lose a simultaneous race
+        for err in (r for r in res if isinstance(r, Exception)):
+            assert isinstance(err, NetworkError) and err.code == ErrorCode.ALREADY_EXISTS
+        if not ok:  # a retry settles it; grants of the lost race are gone already
+            assert await cluster["node3"].allocate("y", want="10.100.101.50")
+        holders = {c.owner_of("10.100.101.50") for c in cluster.values()}
+        assert len(holders) == 1 and holders <= {"x", "y"}
+
+
+async def test_want_checks_are_clear_and_change_nothing(tmp_path):
+    cluster, _ = make(["node1", "node2"], tmp_path, gateway="10.100.101.1")
+    n1 = cluster["node1"]
+    assert await n1.allocate("web", want="10.100.101.5") == "10.100.101.5"
+    before = {n: c.table() for n, c in cluster.items()}
+    for want, code, msg in [
+        ("10.100.102.5", ErrorCode.INVALID_ARGUMENT, "outside the cluster subnet"),
+        ("10.100.101.1", ErrorCode.INVALID_ARGUMENT, "reserved"),
+        ("banana", ErrorCode.INVALID_ARGUMENT, "not an IPv4 address"),
+        ("10.100.101.5", ErrorCode.ALREADY_EXISTS, "already in use"),
+    ]:
+        with pytest.raises(NetworkError, match=msg) as ei:
+            await cluster["node2"].allocate("db", want=want)
+        assert ei.value.code == code
+    assert {n: c.table() for n, c in cluster.items()} == before
+    # idempotent per owner; another address for the same owner is refused
+    assert await n1.allocate("web") == "10.100.101.5"
+    with pytest.raises(NetworkError, match="already has"):
+        await n1.allocate("web", want="10.100.101.6")
+
+
+async def test_release_frees_everywhere_and_runs_callbacks(tmp_path):
+    cluster, _ = make(["node1", "node2"], tmp_path)
+    gone = []
+
+    async def cb(owner, ip):
+        gone.append((owner, ip))
+
+    cluster["node2"].on_released.append(cb)
+    ip = await cluster["node1"].allocate("web")
+    assert cluster["node2"].owner_of(ip) == "web"
+    assert await cluster["node1"].release("web") == ip
+    assert all(c.owner_of(ip) is None for c in cluster.values())
+    assert gone == [("web", ip)]
+    assert await cluster["node1"].release("web") is None
+    assert await cluster["node2"].allocate("db", want=ip) == ip  # reusable
+
+
+async def test_teleport_keeps_the_address():
+    """The owner is the cnvm: another node re-claiming for the same owner is granted."""
+    cluster, _ = make(["node1", "node2"])
+    ip = await cluster["node1"].allocate("web")
+    assert await cluster["node2"].allocate("web", want=ip) == ip
+    assert await cluster["node2"].allocate("web") == ip
+
+
+async def test_persisted_table_survives_a_restart(tmp_path):
+    cluster, _ = make(["node1", "node2"], tmp_path)
+    ip = await cluster["node1"].allocate("web")
+    again = ClusterIpam("node2", Subnet.parse(SUBNET), store=StateStore(tmp_path / "node2"))
+    assert again.table() == {ip: "web"}
+    with pytest.raises(NetworkError, match="already in use"):
+        await again.allocate("db", want=ip)
+
+
+async def test_unreachable_peer_fails_cleanly_without_leaving_grants():
+    cluster, _ = make(["node1", "node2", "node3"])
+    cluster["node1"].peers.unreachable.add("node3")
+    with pytest.raises(NetworkError, match="unreachable") as ei:
+        await cluster["node1"].allocate("web", want="10.100.101.9")
+    assert ei.value.code == ErrorCode.UNAVAILABLE
+    assert all(not c.table() for c in cluster.values())
+    assert not cluster["node2"].ipam.granted  # abandoned at once, not after the TTL
+    # a member marked down is not asked
+    cluster["node1"].peers.unreachable.clear()
+    assert await cluster["node1"].allocate("web", want="10.100.101.9") == "10.100.101.9"
+
+
+async def test_a_node_that_was_down_catches_up(tmp_path):
+    cluster, down = make(["node1", "node2", "node3"], tmp_path)
+    down.add("node3")
+    ip = await cluster["node1"].allocate("web")
+    assert cluster["node3"].owner_of(ip) is None
+    down.clear()
+    assert await cluster["node3"].sync_from("node1") == 1
+    assert cluster["node3"].owner_of(ip) == "web"
+    with pytest.raises(NetworkError, match="already in use"):
+        await cluster["node3"].allocate("db", want=ip)
+
+
+async def test_mine_tracks_claims_made_through_this_node(tmp_path):
+    """`mine` lets a deploy use an address reserved on this node, and only here."""
+    cluster, _ = make(["node1", "node2"], tmp_path)
+    ip = await cluster["node1"].allocate("web")
+    assert cluster["node1"].mine == {"web"} and cluster["node2"].mine == set()
+    again = ClusterIpam("node1", Subnet.parse(SUBNET), store=StateStore(tmp_path / "node1"))
+    assert again.mine == {"web"} and again.table() == {ip: "web"}
+    await cluster["node2"].release("web")
+    assert cluster["node1"].mine == set()
+
+
+async def test_concurrent_requests_for_one_owner_get_one_address():
+    cluster, _ = make(["node1", "node2"])
+    res = await asyncio.gather(*(cluster["node1"].allocate("node:node1") for _ in range(5)))
+    assert len(set(res)) == 1 and list(cluster["node2"].table().values()) == ["node:node1"]
