@@ -22,8 +22,8 @@ configuration:
   Settings come from the TOML file (--config, else $CNVMD_CONFIG, else
   /etc/cnvm/cnvmd.toml when it exists); options given here override it.
   Keys: node_name, state_dir, run_dir, socket_path, runc_root, runc, criu,
-  listen_address, peer_port, vxlan_port, vni, subnet, log_level (flat, or in
-  [daemon]/[network]/[peers] tables).
+  listen_address, peer_port, vxlan_port, vni, subnet, gateway, netns_prefix,
+  log_level (flat, or in [daemon]/[network]/[peers] tables).
 
 signals:
   SIGTERM, SIGINT  cancel in-flight requests, close the socket, exit 0
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peer (SSH) listener address (default 0.0.0.0)")
     p.add_argument("--peer-port", type=int, metavar="PORT",
                    help="peer listener port; 0 picks a free one (default 6783)")
+    p.add_argument("--netns-prefix", metavar="PREFIX",
+                   help="prefix of the per-cnvm network namespaces (default cnvm-); "
+                        "daemons sharing one /run/netns need distinct prefixes")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
     p.add_argument("--version", action="version", version=f"cnvmd {cnvmd.__version__}")

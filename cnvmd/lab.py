@@ -205,6 +205,8 @@ class Lab:
             "--state-dir", str(labpaths.node_state_dir(self.name, node)),
             "--run-dir", str(run_dir),
             "--runc-root", str(labpaths.node_runc_root(self.name, node)),
+            # the nodes share one /run/netns: per-node cnvm namespaces, found by down()
+            "--netns-prefix", f"{self.prefix}{node}-",
         ])
         log_path = run_dir / "cnvmd.log"
         env = dict(os.environ)
