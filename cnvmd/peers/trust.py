@@ -1,0 +1,224 @@
+"""Node keys, cluster identity, join tokens and the enrolment proofs.
+
+Design (why it is safe without trust-on-first-use):
+
+- Each node has one Ed25519 key (state dir, 0600); it is both its SSH host key and
+  its SSH client key, so "pinning a node" means pinning one public key.
+- ``cluster init`` creates a cluster id and a 256-bit cluster secret (with an epoch).
+  Every member holds the secret, so any member can mint tokens; removing a node
+  rotates the secret (epoch + 1), so a revoked node's copy mints nothing valid.
+- A token is ``cnvm1.<payload>.<tag>``: payload = (cluster id, secret epoch, issuer,
+  random token id, expiry); tag = HMAC-SHA256(secret, payload). The tag is never
+  sent on the wire during enrolment: it is a per-token key both sides use to prove
+  knowledge of it, bound to the SSH keys each side actually saw (so a man in the
+  middle that substitutes its own host key or client key makes the proofs fail).
+- Single use: only the issuer keeps the token id (issued list); redeeming it anywhere
+  makes the redeeming member ask the issuer to consume it, atomically and persisted,
+  so a replay at any member is refused. Expiry is absolute wall time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import msgpack
+
+from cnvmd.state import atomic_write
+from proto.messages import ErrorCode, ProtoError
+
+TOKEN_PREFIX = "cnvm1"
+DEFAULT_TOKEN_TTL = 600.0
+MAX_TOKEN_TTL = 7 * 86400.0
+_TAG_LABEL = b"cnvm-join-token-v1\0"
+_SERVER_LABEL = b"cnvm-enroll-server-v1\0"
+_CLIENT_LABEL = b"cnvm-enroll-client-v1\0"
+
+
+def load_or_create_key(path: Path) -> asyncssh.SSHKey:
+    """The node's Ed25519 key, created on first start (mode 0600, atomically)."""
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"cnvm@{path.parent}")
+    atomic_write(path, key.export_private_key("openssh"), mode=0o600)
+    atomic_write(path.with_suffix(".pub"), key.export_public_key("openssh"), mode=0o644)
+    return key
+
+
+def public_line(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key("openssh").decode().split("\n")[0].strip()
+
+
+def key_from_line(line: str) -> asyncssh.SSHKey:
+    return asyncssh.import_public_key(line)
+
+
+def fingerprint(key_or_line: asyncssh.SSHKey | str) -> str:
+    key = key_from_line(key_or_line) if isinstance(key_or_line, str) else key_or_line
+    return key.get_fingerprint("sha256")
+
+
+def same_key(a: asyncssh.SSHKey, line: str) -> bool:
+    try:
+        return hmac.compare_digest(a.public_data, key_from_line(line).public_data)
+    except (asyncssh.KeyImportError, ValueError):
+        return False
+
+
+@dataclass
+class Cluster:
+    """The cluster identity every member holds (secret included: members only)."""
+
+    cluster_id: str
+    epoch: int
+    secret: str  # hex
+    created: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cluster_id": self.cluster_id, "epoch": self.epoch, "secret": self.secret,
+                "created": self.created}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Cluster:
+        try:
+            c = cls(str(d["cluster_id"]), int(d["epoch"]), str(d["secret"]),
+                    float(d.get("created", 0.0)))
+            bytes.fromhex(c.secret)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed cluster record: {exc}") from None
+        return c
+
+    @classmethod
+    def new(cls) -> Cluster:
+        return cls(secrets.token_hex(8), 1, secrets.token_hex(32), time.time())
+
+    def rotated(self) -> Cluster:
+        return Cluster(self.cluster_id, self.epoch + 1, secrets.token_hex(32), self.created)
+
+
+@dataclass(frozen=True)
+class TokenPayload:
+    cluster_id: str
+    epoch: int
+    issuer: str
+    token_id: str  # hex
+    expiry: float
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            [self.cluster_id, self.epoch, self.issuer, self.token_id, self.expiry],
+            use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> TokenPayload:
+        try:
+            cid, epoch, issuer, tid, expiry = msgpack.unpackb(raw, raw=False)
+            return cls(str(cid), int(epoch), str(issuer), str(tid), float(expiry))
+        except Exception:
+            raise ProtoError(ErrorCode.PERMISSION_DENIED, "malformed join token") from None
+
+
+def _b64e(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _b64d(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def token_tag(cluster: Cluster, payload: bytes) -> bytes:
+    return hmac.new(bytes.fromhex(cluster.secret), _TAG_LABEL + payload, hashlib.sha256).digest()
+
+
+def mint_token(cluster: Cluster, issuer: str, ttl: float) -> tuple[str, TokenPayload]:
+    if not 0 < ttl <= MAX_TOKEN_TTL:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"ttl must be in (0, {MAX_TOKEN_TTL:.0f}] s")
+    p = TokenPayload(cluster.cluster_id, cluster.epoch, issuer, secrets.token_hex(16),
+                     time.time() + ttl)
+    raw = p.encode()
+    return f"{TOKEN_PREFIX}.{_b64e(raw)}.{_b64e(token_tag(cluster, raw))}", p
+
+
+def parse_token(token: str) -> tuple[bytes, TokenPayload, bytes]:
+    """Split a token into (raw payload, payload, tag) without verifying it."""
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, "not a cnvm join token")
+    try:
+        raw, tag = _b64d(parts[1]), _b64d(parts[2])
+    except (ValueError, TypeError):
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, "not a cnvm join token") from None
+    if len(tag) != 32:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, "not a cnvm join token")
+    return raw, TokenPayload.decode(raw), tag
+
+
+def check_payload(cluster: Cluster, p: TokenPayload, now: float | None = None) -> None:
+    """Server-side checks that need no secret comparison (the proof does that)."""
+    if p.cluster_id != cluster.cluster_id:
+        raise ProtoError(ErrorCode.PERMISSION_DENIED, "token is for another cluster")
+    if p.epoch != cluster.epoch:
+        raise ProtoError(ErrorCode.PERMISSION_DENIED,
+                         "token was minted before a node was removed (stale secret)")
+    if p.expiry <= (now if now is not None else time.time()):
+        raise ProtoError(ErrorCode.PERMISSION_DENIED, "token expired")
+
+
+def transcript(raw_payload: bytes, joiner: str, nonce_c: bytes, nonce_s: bytes,
+               server_key: bytes, client_key: bytes) -> bytes:
+    """Everything both proofs are bound to: the token, both nonces and both SSH keys."""
+    return msgpack.packb([raw_payload, joiner, nonce_c, nonce_s, server_key, client_key],
+                         use_bin_type=True)
+
+
+def server_proof(tag: bytes, tr: bytes) -> bytes:
+    return hmac.new(tag, _SERVER_LABEL + tr, hashlib.sha256).digest()
+
+
+def client_proof(tag: bytes, tr: bytes) -> bytes:
+    return hmac.new(tag, _CLIENT_LABEL + tr, hashlib.sha256).digest()
+
+
+class TokenLedger:
+    """Tokens this node issued, and those already redeemed (the issuer's authority)."""
+
+    def __init__(self, issued: dict[str, float] | None = None,
+                 used: dict[str, float] | None = None) -> None:
+        self.issued = dict(issued or {})
+        self.used = dict(used or {})
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"issued": self.issued, "used": self.used}
+
+    def prune(self, now: float | None = None) -> None:
+        now = now if now is not None else time.time()
+        for d in (self.issued, self.used):
+            for k in [k for k, exp in d.items() if exp < now - 60]:
+                del d[k]
+
+    def issue(self, p: TokenPayload) -> None:
+        self.prune()
+        self.issued[p.token_id] = p.expiry
+
+    def consume(self, token_id: str, now: float | None = None) -> None:
+        """Mark a token used; refuses unknown, expired or replayed tokens."""
+        now = now if now is not None else time.time()
+        if token_id in self.used:
+            raise ProtoError(ErrorCode.PERMISSION_DENIED, "token already used (replay refused)")
+        exp = self.issued.get(token_id)
+        if exp is None:
+            raise ProtoError(ErrorCode.PERMISSION_DENIED, "token unknown to its issuer")
+        if exp <= now:
+            raise ProtoError(ErrorCode.PERMISSION_DENIED, "token expired")
+        del self.issued[token_id]
+        self.used[token_id] = exp
