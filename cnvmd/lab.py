@@ -83,6 +83,9 @@ class HostStatus:
     socket: str | None
 
 
+CLIENT_OVERLAY_IP = "10.100.101.250"
+
+
 class LabError(Exception):
     pass
 
@@ -154,8 +157,14 @@ class Lab:
 
     # ---- up
 
-    async def up(self, *, start_daemons: bool = True, daemon_timeout: float = 15.0) -> None:
-        """Build the lab (error if it already exists); on any failure tear down what was made."""
+    async def up(self, *, start_daemons: bool = True, cluster: bool = False,
+                 daemon_timeout: float = 15.0) -> None:
+        """Build the lab (error if it already exists); on any failure tear down what was made.
+
+        With daemons and `cluster`, node1 inits a cluster that every other node joins,
+        and the client host joins the overlay (address CLIENT_OVERLAY_IP), as an
+        operator would set up real hosts.
+        """
         if self.state_file.exists() or netlink.netns_list(self.prefix):
             raise LabError(f"lab {self.name} already exists (run `cnvmctl lab down --name "
                            f"{self.name}` first)")
@@ -171,6 +180,9 @@ class Lab:
             if start_daemons:
                 await asyncio.gather(*(self.start_daemon(n, timeout=daemon_timeout)
                                        for n in self.node_names))
+                if cluster:
+                    await self.form_cluster()
+                    await self.join_client_to_overlay()
         except BaseException:
             await asyncio.shield(self.down())
             raise
@@ -232,6 +244,55 @@ class Lab:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(p.wait()), 0.05)
         return p.pid
+
+    # ---- cluster
+
+    async def call(self, node: str, op: str, args: dict[str, Any] | None = None,
+                   timeout: float = 60.0) -> Any:
+        """One API request to a node's daemon."""
+        from proto.client import Client
+
+        c = await Client.connect(labpaths.node_socket(self.name, node), agent="lab")
+        try:
+            return await c.call(op, args or {}, timeout=timeout)
+        finally:
+            await c.aclose()
+
+    async def form_cluster(self, timeout: float = 30.0) -> None:
+        """node1 inits a cluster; every other node joins it through node1 with a token."""
+        first = self.node_names[0]
+        await self.call(first, "cluster.init")
+        for node in self.node_names[1:]:
+            tok = await self.call(first, "cluster.token")
+            await self.call(node, "join", {"peer": self.underlay_ip(first),
+                                           "token": tok["token"]})
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        want = set(self.node_names)
+        while True:
+            seen = await self.call(first, "nodes")
+            alive = {n["name"] for n in seen["nodes"] if n.get("state") == "alive"}
+            if alive >= want:
+                return
+            if loop.time() > end:
+                raise LabError(f"cluster did not converge: alive {sorted(alive)}")
+            await asyncio.sleep(0.2)
+
+    async def join_client_to_overlay(self, ip: str = CLIENT_OVERLAY_IP) -> None:
+        """Put the client host on the cluster overlay, with an address claimed in IPAM."""
+        from cnvmd.config import Config
+        from cnvmd.network.datapath import NodeNetwork
+
+        await self.call(self.node_names[0], "net.allocate", {"name": "node:client", "ip": ip})
+        cfg = Config()  # the lab's daemons run with the default overlay settings
+        client = NodeNetwork("client", vni=cfg.vni, port=cfg.vxlan_port, subnet=cfg.subnet,
+                             netns=self.netns("client"))
+        await client.set_expose(ip)
+        await client.ensure()
+        await client.set_peers([self.underlay_ip(n) for n in self.node_names])
+        # The client is no cluster member: tell the nodes to flood to it too.
+        for node in self.node_names:
+            await self.call(node, "net.flood", {"add": [self.underlay_ip("client")]})
 
     # ---- use
 

@@ -41,20 +41,23 @@ def _lab(ctx: Ctx, a: argparse.Namespace, nodes: int | None = None) -> Any:
 
 
 @command("lab up", daemon=False, help="create a lab and start a cnvmd on every node",
-         description="Create the lab's namespaces and underlay, start one cnvmd per node "
-                     "and, when the\npeer mesh is available, form a cluster of all nodes. "
-                     "Fails if the lab exists.",
+         description="Create the lab's namespaces and underlay, start one cnvmd per node, "
+                     "form a cluster\nof all nodes (node1 inits, the others join) and put "
+                     "the client host on the overlay\n(10.100.101.250). Fails if the lab "
+                     "exists.",
          epilog="Then: cnvmctl --lab NAME --node node2 status",
          args=[_NAME,
                arg("--nodes", type=int, default=3, metavar="N", help="node hosts (default 3)"),
                arg("--no-daemons", action="store_true",
-                   help="only build the namespaces and underlay")])
+                   help="only build the namespaces and underlay"),
+               arg("--no-cluster", action="store_true",
+                   help="start the daemons but form no cluster")])
 async def lab_up(ctx: Ctx, a: argparse.Namespace) -> None:
     from cnvmd.lab import LabError
 
     lab = _lab(ctx, a, a.nodes)
     try:
-        await lab.up(start_daemons=not a.no_daemons)
+        await lab.up(start_daemons=not a.no_daemons, cluster=not a.no_cluster)
     except LabError as exc:
         raise CliError(str(exc)) from None
     ctx.output(_status(lab), _render)

@@ -119,6 +119,15 @@ async def net_host(ctx: Context, args: Args) -> dict[str, Any]:
     return {"node": ctx.daemon.node_name, "expose_ip": addr}
 
 
+@router.op("net.flood")
+async def net_flood(ctx: Context, args: Args) -> dict[str, Any]:
+    """Add/remove underlay addresses of overlay hosts outside the cluster (flooded to)."""
+    add = args.list("add", [], of=str)
+    remove = args.list("remove", [], of=str)
+    args.reject_unknown()
+    return {"extra_flood": await _run(_net(ctx).set_extra_flood(add, remove))}
+
+
 @router.op("net.ipam")
 async def net_ipam(ctx: Context, args: Args) -> dict[str, Any]:
     """Addresses in use in the cluster as this node knows them (ip -> owner)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -67,6 +68,10 @@ class Network:
         self.exposer = Exposer(netns)
         self.enabled = False
         self.forwards: dict[str, Forward] = {}
+        # Overlay hosts outside the cluster (a client host joined by hand): flooded to
+        # like members, else broadcasts from here (ARP) never reach them.
+        self.extra_flood: set[str] = set()
+        self._peer_svc: Any = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -84,7 +89,8 @@ class Network:
 
     async def _save_node(self) -> None:
         await self._save(STATE_KIND, "node", {"enabled": self.enabled,
-                                              "expose_ip": self.ipam.ip_of(self.node_owner)})
+                                              "expose_ip": self.ipam.ip_of(self.node_owner),
+                                              "extra_flood": sorted(self.extra_flood)})
 
     async def _save_forwards(self) -> None:
         await self._save(STATE_KIND, "exposes",
@@ -106,6 +112,8 @@ class Network:
             except (KeyError, TypeError, ValueError):
                 log.warning("ignoring bad expose record %r", d)
         self.enabled = bool(rec.get("enabled"))
+        self.extra_flood = set(rec.get("extra_flood") or [])
+        await self.node.set_peers(self.extra_flood)
         if not self.enabled:
             return []
         return await self.reconcile()
@@ -200,6 +208,7 @@ class Network:
     def attach_peers(self, svc: Any) -> None:
         """Use the peer mesh: IPAM claims go to every up member; FDB follows membership."""
         self.ipam.peers = MeshPeers(svc)
+        self._peer_svc = svc
         for op in PEER_OPS:
             svc.register_op(op, lambda args, ctx, _op=op: self.ipam.handle(_op, args))
         self.spawn(self._follow(svc))
@@ -212,7 +221,7 @@ class Network:
                 if ev.name != svc.name and ev.state == ALIVE and ev.old_state != ALIVE:
                     self.spawn(self._sync(ev.name))
                 try:
-                    await self.node.set_peers(peer_addresses(svc.membership.active(), svc.name))
+                    await self._apply_flood()
                 except Exception:
                     log.exception("could not update the overlay flood list")
 
@@ -227,6 +236,24 @@ class Network:
 
     async def set_peers(self, addrs: list[str]) -> tuple[list[str], list[str]]:
         return await self.node.set_peers(addrs)
+
+    async def _apply_flood(self) -> None:
+        svc = self._peer_svc
+        members = peer_addresses(svc.membership.active(), svc.name) if svc else []
+        await self.node.set_peers([*members, *self.extra_flood])
+
+    async def set_extra_flood(self, add: list[str], remove: list[str]) -> list[str]:
+        """Add/remove underlay addresses of non-member overlay hosts; returns the set."""
+        for a in [*add, *remove]:
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                raise NetworkError(f"{a!r} is not an IP address",
+                                   ErrorCode.INVALID_ARGUMENT) from None
+        self.extra_flood = (self.extra_flood | set(add)) - set(remove)
+        await self._save_node()
+        await self._apply_flood()
+        return sorted(self.extra_flood)
 
     # ---- addresses
 

@@ -40,6 +40,18 @@ async def test_lab_up_status_exec_down(clean_lab):
     assert st["node"] == "node2"
     assert st["versions"]["criu"] >= "4.2"
 
+    # lab up formed a cluster: node3 sees all three members alive
+    nodes = json.loads(cnvmctl("--lab", LAB, "--node", "node3", "--json", "nodes").stdout)
+    assert {n["name"]: n["state"] for n in nodes["nodes"]} == {
+        "node1": "alive", "node2": "alive", "node3": "alive"}
+    # ... and put the client host on the overlay: it reaches node3's overlay address
+    host = json.loads(cnvmctl("--lab", LAB, "--node", "node3", "--json", "net", "host").stdout)
+    ping = cnvmctl("lab", "exec", "--name", LAB, "client", "--", "busybox", "ping", "-c1",
+                   "-W2", host["expose_ip"], check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    # the root namespace never holds overlay addresses
+    assert not [a for a in await netlink.addrs() if a.startswith("10.100.101.")]
+
     # the client host reaches node3 over the lab's underlay, and exit codes pass through
     ok = cnvmctl("lab", "exec", "--name", LAB, "client", "--",
                  "busybox", "ping", "-c1", "-W2", labpaths.underlay_address(3), check=False)
