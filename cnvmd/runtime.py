@@ -108,7 +108,11 @@ async def start_log_shim(log_path: Path) -> LogPipe:
             str(log_path), stdin=r, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
         )
-        out, _ = await p.communicate()
+        # One line, not communicate(): under uvloop the background cat can inherit a
+        # copy of the stdout pipe, so EOF would only come when the cnvm dies.
+        assert p.stdout is not None
+        out = await p.stdout.readline()
+        await p.wait()
     except BaseException:
         os.close(w)
         raise

@@ -1,0 +1,180 @@
+"""Image and cnvm lifecycle commands (issue 4): images import/ls/inspect/rm, deploy,
+stop, start, rm, exec, logs. The daemon side is cnvmd/lifecycle.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from cnvmctl.context import Ctx
+from cnvmctl.output import cell, print_kv, print_table, print_tree, size
+from cnvmctl.registry import arg, command, group
+from proto.client import Event
+
+group("images", help="import, list and remove images on a node")
+
+
+def _absolute(path: str) -> str:
+    """The daemon has another cwd: send an absolute path (keeping a PATH:REF suffix)."""
+    ref = ""
+    if not os.path.exists(path) and ":" in path:
+        path, _, ref = path.rpartition(":")
+    return os.path.abspath(path) + (f":{ref}" if ref else "")
+
+
+@command("images import", help="import an OCI layout, oci-archive, docker-save or rootfs tar",
+         description="Import an image into the node's store. PATH is an OCI image layout "
+                     "directory or tar\n(skopeo `oci:DIR`, `podman save --format oci-archive`), "
+                     "a `docker save` tarball,\nor a plain rootfs tarball (optionally "
+                     "compressed). PATH:REF picks one image of a layout.\nEvery blob is "
+                     "verified by digest; layers are unpacked once and shared.",
+         args=[arg("path", metavar="PATH"),
+               arg("--name", help="image name (default: from the archive or file name)"),
+               arg("--format", default="auto", choices=["auto", "oci", "docker", "rootfs"],
+                   help="force the input format")])
+async def images_import(ctx: Ctx, a: argparse.Namespace) -> None:
+    res = await ctx.call("images.import",
+                         {"path": _absolute(a.path), "name": a.name, "format": a.format})
+    ctx.output(res, lambda r: print(f"imported {', '.join(r['names']) or r['id']} "
+                                    f"({r['id']}, {r['layers']} layers, {size(r['size'])}) "
+                                    f"in {r['seconds']:.2f}s"))
+
+
+@command("images ls", help="list images")
+async def images_ls(ctx: Ctx, a: argparse.Namespace) -> None:
+    rows = await ctx.call("images.ls")
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        print_table([{**r, "names": ", ".join(r["names"]) or "-",
+                      "used_by": ", ".join(r.get("used_by") or []) or "-"} for r in rows],
+                    [("NAME", "names"), ("ID", "id"), ("LAYERS", "layers"), ("SIZE", "size"),
+                     ("USED BY", "used_by")], {"size": size})
+
+    ctx.output(rows, human)
+
+
+@command("images inspect", help="show an image's digests, layers and config",
+         args=[arg("image", metavar="IMAGE")])
+async def images_inspect(ctx: Ctx, a: argparse.Namespace) -> None:
+    ctx.output(await ctx.call("images.inspect", {"image": a.image}), print_tree)
+
+
+@command("images rm", help="remove an image (refused while a cnvm uses it)",
+         args=[arg("image", metavar="IMAGE")])
+async def images_rm(ctx: Ctx, a: argparse.Namespace) -> None:
+    res = await ctx.call("images.rm", {"image": a.image})
+    ctx.output(res, lambda r: print(f"removed {', '.join(r['names']) or r['id']}"))
+
+
+def _after_dashdash(parser: argparse.ArgumentParser) -> None:
+    """Make `NAME --opt X -- CMD ARGS` work: Python 3.11's argparse gives the `*`
+    positional its (empty) match at NAME already and then rejects what follows
+    `--`. So this command's parser parses what precedes `--` and takes the rest
+    verbatim as `cmd`."""
+    orig = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        tail: list[str] | None = None
+        if "--" in args:
+            i = args.index("--")
+            args, tail = args[:i], args[i + 1:]
+        ns, extra = orig(args, namespace)
+        if tail is not None:
+            ns.cmd = [*(getattr(ns, "cmd", None) or []), *tail]
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def _cnvm(r: dict[str, Any]) -> None:
+    print_kv([("name", r.get("name")), ("node", r.get("node")), ("state", r.get("desired")),
+              ("image", r.get("image")), ("hostname", r.get("hostname")), ("ip", r.get("ip")),
+              ("memory", size(r["memory"]) if r.get("memory") else "-"),
+              ("cpus", cell(r.get("cpus"))), ("netns", r.get("netns"))])
+
+
+@command("deploy", help="deploy a cnvm from an image and start it",
+         description="Create a cnvm: an overlay over the image's layers with its own upper "
+                     "dir, a runc\nbundle with the given limits, a network namespace, and "
+                     "start it. Everything after\n`--` replaces the image's command "
+                     "(Cmd; the Entrypoint stays).",
+         epilog="example: cnvmctl deploy web1 --image busybox --memory 256M --env PORT=8080",
+         configure=_after_dashdash,
+         args=[arg("name", metavar="NAME", help="cnvm name (a DNS label)"),
+               arg("--image", required=True, help="image name or id"),
+               arg("--hostname", help="hostname inside (default: NAME)"),
+               arg("--ip", help="IP on the overlay network (default: allocated)"),
+               arg("--memory", help="memory limit, e.g. 256M, 1G"),
+               arg("--cpus", help="CPU limit, e.g. 0.5, 2, 500m"),
+               arg("--env", "-e", action="append", default=[], metavar="K=V",
+                   help="environment variable (repeatable)"),
+               arg("cmd", nargs="*", metavar="CMD",
+                   help="command to run instead of the image's")])
+async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
+    cmd = list(a.cmd)
+    res = await ctx.call("deploy", {"name": a.name, "image": a.image, "hostname": a.hostname,
+                                    "ip": a.ip, "memory": a.memory, "cpus": a.cpus,
+                                    "env": a.env, "cmd": cmd})
+    ctx.output(res, _cnvm)
+
+
+@command("stop", help="stop a cnvm (SIGTERM, then SIGKILL)",
+         args=[arg("name", metavar="NAME"),
+               arg("--time", "-t", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL (default 10)")])
+async def stop(ctx: Ctx, a: argparse.Namespace) -> None:
+    res = await ctx.call("stop", {"name": a.name, "time": a.time})
+    ctx.output(res, lambda r: print(f"stopped {r['name']}"))
+
+
+@command("start", help="start a stopped cnvm", args=[arg("name", metavar="NAME")])
+async def start(ctx: Ctx, a: argparse.Namespace) -> None:
+    res = await ctx.call("start", {"name": a.name})
+    ctx.output(res, lambda r: print(f"started {r['name']}"))
+
+
+@command("rm", help="remove a cnvm and its files",
+         args=[arg("name", metavar="NAME"),
+               arg("--force", "-f", action="store_true", help="also when it is running")])
+async def rm(ctx: Ctx, a: argparse.Namespace) -> None:
+    res = await ctx.call("rm", {"name": a.name, "force": a.force})
+    ctx.output(res, lambda r: print(f"removed {r['name']}"))
+
+
+@command("exec", help="run a command inside a cnvm (its exit code is passed through)",
+         epilog="example: cnvmctl exec web1 -- cat /etc/hostname",
+         configure=_after_dashdash,
+         args=[arg("name", metavar="NAME"),
+               arg("--env", "-e", action="append", default=[], metavar="K=V"),
+               arg("--cwd", help="working directory inside"),
+               arg("cmd", nargs="*", metavar="CMD", help="after --: the command and its args")])
+async def exec_(ctx: Ctx, a: argparse.Namespace) -> int:
+    cmd = list(a.cmd)
+    res = await ctx.call("exec", {"name": a.name, "cmd": cmd, "env": a.env, "cwd": a.cwd})
+    if ctx.json:
+        ctx.print_json(res)
+    else:
+        sys.stdout.write(res["stdout"])
+        sys.stderr.write(res["stderr"])
+    return int(res["exit_code"])
+
+
+@command("logs", help="show a cnvm's console output",
+         args=[arg("name", metavar="NAME"),
+               arg("--follow", "-f", action="store_true", help="keep printing new output"),
+               arg("--tail", type=int, help="only the last N lines")])
+async def logs(ctx: Ctx, a: argparse.Namespace) -> None:
+    def on_event(ev: Event) -> None:
+        if ev.name == "output":
+            sys.stdout.write(ev.data.get("data", ""))
+            sys.stdout.flush()
+
+    res = await ctx.call("logs", {"name": a.name, "follow": a.follow, "tail": a.tail},
+                         on_event=on_event if a.follow else None)
+    if ctx.json and not a.follow:
+        ctx.print_json(res)
+    else:
+        sys.stdout.write(res.get("data", ""))

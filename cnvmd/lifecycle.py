@@ -1,0 +1,539 @@
+"""Images and the cnvm lifecycle: images import/ls/inspect/rm, deploy, stop, start, rm,
+exec, logs (``ls``/``inspect`` of cnvms are in `cnvmd.inventory`).
+
+`Lifecycle` holds the logic as async methods so it can be driven without the daemon
+(tests, the teleport engine); the ops at the bottom only parse args and call it.
+
+State: one StateStore record per cnvm (kind ``cnvms``, fields documented in
+`cnvmd.inventory`), written before anything is created so a crash mid-deploy leaves
+something `rm` can clean, and updated after each transition. The runc container,
+the overlay mount and the netns are re-derivable from the record, so everything
+survives a daemon restart (running containers are adopted by the inventory).
+
+The cnvm's network namespace is a pluggable step: another subsystem publishes an
+object with ``attach``/``detach`` (see `Network`) as ``daemon.services["network"]``.
+Until one is there, `LocalNetns` gives each cnvm its own namespace with only
+loopback (no IP).
+
+One operation per cnvm at a time (`Lifecycle.lock`), also for teleport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from cnvmd import bundle, proc
+from cnvmd.api import Args, Context, Router
+from cnvmd.images import ImageStore
+from cnvmd.runtime import LogPipe, Runc, RuncError, start_log_shim
+from cnvmd.state import StateStore
+from proto.messages import ErrorCode, ProtoError
+
+KIND = "cnvms"
+EVT_OUTPUT = "output"
+"""`logs --follow` event: data ``{"data": str}``, a chunk of the cnvm's console log."""
+LOG_TAIL_MAX = 4 << 20
+
+
+class Network(Protocol):
+    """What deploy needs from the network subsystem (daemon.services["network"])."""
+
+    async def attach(self, name: str, *, ip: str | None, record: dict[str, Any]
+                     ) -> dict[str, Any]:
+        """Ensure the cnvm's netns exists and is wired (idempotent: start calls it again).
+
+        Returns at least ``{"netns": PATH}``; ``ip``/``mac``/... are stored in the record.
+        """
+        ...
+
+    async def detach(self, name: str, record: dict[str, Any]) -> None:
+        """Release what attach made (netns, veth, IP); no error if already gone."""
+        ...
+
+
+class LocalNetns:
+    """Minimal default: one netns per cnvm with loopback only."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def netns_name(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    async def attach(self, name: str, *, ip: str | None, record: dict[str, Any]
+                     ) -> dict[str, Any]:
+        if ip:
+            raise ProtoError(ErrorCode.UNAVAILABLE,
+                             "no network engine is loaded on this node: --ip is unavailable")
+        ns = self.netns_name(name)
+        path = Path("/run/netns") / ns
+        if not await asyncio.to_thread(path.exists):
+            await proc.run(["ip", "netns", "add", ns], timeout=20)
+            await proc.run(["ip", "-n", ns, "link", "set", "lo", "up"], timeout=20)
+        return {"netns": str(path), "ip": None}
+
+    async def detach(self, name: str, record: dict[str, Any]) -> None:
+        await proc.run(["ip", "netns", "del", self.netns_name(name)], check=False, timeout=20)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-") or "node"
+
+
+def _err(code: ErrorCode, msg: str, **details: Any) -> ProtoError:
+    return ProtoError(code, msg, details or None)
+
+
+async def _net_call(coro: Any) -> Any:
+    """Network errors carry (code, message) but are not ProtoErrors: translate."""
+    try:
+        return await coro
+    except ProtoError:
+        raise
+    except Exception as exc:
+        code, message = getattr(exc, "code", None), getattr(exc, "message", None)
+        if isinstance(code, ErrorCode) and isinstance(message, str):
+            raise ProtoError(code, message) from None
+        raise
+
+
+class Lifecycle:
+    """The node's cnvm operations; one per daemon (``daemon.services["lifecycle"]``)."""
+
+    def __init__(self, *, node: str, state: StateStore, images: ImageStore, runc: Runc,
+                 cnvms_dir: Path, network: Network | None = None,
+                 network_lookup: Any = None) -> None:
+        self.node = node
+        self.state = state
+        self.images = images
+        self.runc = runc
+        self.cnvms_dir = Path(cnvms_dir)
+        self.cnvms_dir.mkdir(parents=True, exist_ok=True)
+        self._network = network or LocalNetns(f"cnvm-{_safe(node)}-")
+        self._network_lookup = network_lookup  # () -> Network | None, checked per call
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def network(self) -> Network:
+        if self._network_lookup is not None:
+            n = self._network_lookup()
+            if n is not None:
+                return n
+        return self._network
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Serialises operations on one cnvm (deploy/stop/start/rm/teleport)."""
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def paths(self, name: str) -> bundle.BundlePaths:
+        return bundle.bundle_paths(self.cnvms_dir, name)
+
+    # ---- records
+
+    async def record(self, name: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.state.load, KIND, name)
+
+    async def _require(self, name: str) -> dict[str, Any]:
+        bundle.check_name(name)
+        rec = await self.record(name)
+        if rec is None:
+            raise _err(ErrorCode.NOT_FOUND, f"no cnvm named {name!r} on {self.node}", name=name)
+        return rec
+
+    async def _save(self, name: str, rec: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.state.save, KIND, name, rec)
+
+    async def images_in_use(self) -> dict[str, list[str]]:
+        """image id → cnvms using it (ImageStore refuses to remove those)."""
+        recs = await asyncio.to_thread(self.state.list, KIND)
+        out: dict[str, list[str]] = {}
+        for name, rec in recs.items():
+            if rec.get("image_id"):
+                out.setdefault(rec["image_id"], []).append(name)
+        return out
+
+    # ---- deploy
+
+    async def deploy(self, name: str, image: str, *, hostname: str | None = None,
+                     ip: str | None = None, memory: Any = None, cpus: Any = None,
+                     env: Any = None, cmd: list[str] | None = None) -> dict[str, Any]:
+        """Create and start a cnvm; on any failure undo everything it made."""
+        bundle.check_name(name)
+        hostname = bundle.check_hostname(hostname or name)
+        mem = bundle.parse_memory(memory) if memory not in (None, "") else None
+        ncpu = bundle.parse_cpus(cpus) if cpus not in (None, "") else None
+        envd = bundle.parse_env(env)
+        img = self.images.resolve(image)
+        async with self.lock(name):
+            if await self.record(name) is not None or await self.runc.state(name) is not None:
+                raise _err(ErrorCode.ALREADY_EXISTS, f"cnvm {name!r} already exists on "
+                           f"{self.node}", name=name)
+            if await asyncio.to_thread(self.paths(name).dir.exists):
+                raise _err(ErrorCode.CONFLICT, f"leftover bundle {self.paths(name).dir} "
+                           "exists without a record; remove it first", name=name)
+            rec: dict[str, Any] = {
+                "name": name, "runc_id": name, "node": self.node,
+                "image": img.names[0] if img.names else img.short_id, "image_id": img.id,
+                "hostname": hostname, "ip": ip, "memory": mem, "cpus": ncpu, "env": envd,
+                "cmd": list(cmd or []), "desired": "creating", "created_at": time.time(),
+                "bundle": str(self.paths(name).dir), "log": str(self.paths(name).console_log),
+            }
+            await self._save(name, rec)
+            try:
+                net = await _net_call(self.network.attach(name, ip=ip, record=rec))
+                rec.update({k: v for k, v in net.items() if v is not None})
+                rec["netns"] = net["netns"]
+                await self._save(name, rec)
+                await bundle.prepare(
+                    self.cnvms_dir, name, img.layer_dirs, img.config, node=self.node,
+                    hostname=hostname, cmd=cmd or None, env=envd, memory=mem, cpus=ncpu,
+                    netns_path=rec["netns"], ip=rec.get("ip"),
+                    annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+                await self._run(name)
+                rec["desired"] = "running"
+                rec["started_at"] = time.time()
+                await self._save(name, rec)
+            except BaseException:
+                await asyncio.shield(self._teardown(name, rec))
+                raise
+        return self._summary(rec)
+
+    async def materialize(self, name: str, rec: dict[str, Any], *, netns_path: str,
+                          seed: bool = False) -> bundle.BundlePaths:
+        """Mount the overlay and write config.json from a cnvm record, without running it.
+
+        For a teleport target: the record and upper dir arrived, the image (layers by
+        digest) is present, the network prepared `netns_path`; then `runc restore`.
+        """
+        img = self.images.resolve(rec["image_id"])
+        return await bundle.prepare(
+            self.cnvms_dir, name, img.layer_dirs, img.config, seed=seed, node=self.node,
+            hostname=rec.get("hostname") or name, cmd=rec.get("cmd") or None,
+            env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
+            netns_path=netns_path, ip=rec.get("ip"),
+            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+
+    async def _run(self, name: str) -> None:
+        paths = self.paths(name)
+        pipe = await _log_shim(paths.console_log)
+        try:
+            await self.runc.run(name, paths.dir, stdio=pipe.write_fd)
+        except RuncError as exc:
+            raise _err(ErrorCode.FAILED, str(exc), name=name) from None
+        finally:
+            pipe.close()
+
+    async def _teardown(self, name: str, rec: dict[str, Any]) -> None:
+        """Remove container, mount, bundle, network and record; tolerate missing parts."""
+        paths = self.paths(name)
+        with contextlib.suppress(Exception):
+            await self.runc.destroy(name)
+        await bundle.destroy(paths)
+        with contextlib.suppress(Exception):
+            await self.network.detach(name, rec)
+        await asyncio.to_thread(self.state.delete, KIND, name)
+
+    # ---- stop / start / rm
+
+    async def stop(self, name: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """SIGTERM, then SIGKILL after `timeout`; the overlay is unmounted, upper dir kept."""
+        async with self.lock(name):
+            rec = await self._require(name)
+            await self._stop(name, timeout)
+            await bundle.unmount_rootfs(self.paths(name))
+            rec["desired"] = "stopped"
+            rec["stopped_at"] = time.time()
+            await self._save(name, rec)
+        return self._summary(rec)
+
+    async def _stop(self, name: str, timeout: float) -> None:
+        st = await self.runc.state(name)
+        if st is None:
+            return
+        if st.status in ("running", "created"):  # a paused one cannot act on TERM: KILL
+            with contextlib.suppress(RuncError):
+                await self.runc.kill(name, "TERM")
+            loop = asyncio.get_running_loop()
+            end = loop.time() + max(0.0, timeout)
+            while loop.time() < end:
+                st = await self.runc.state(name)
+                if st is None or st.status == "stopped":
+                    break
+                await asyncio.sleep(0.05)
+        await self.runc.destroy(name)  # SIGKILLs whatever is left, deletes the state
+
+    async def start(self, name: str) -> dict[str, Any]:
+        """Start a stopped cnvm again from its bundle (same upper dir, same netns)."""
+        async with self.lock(name):
+            rec = await self._require(name)
+            st = await self.runc.state(name)
+            if st is not None and st.status in ("running", "paused"):
+                raise _err(ErrorCode.CONFLICT, f"cnvm {name!r} is already {st.status}")
+            if st is not None:
+                await self.runc.destroy(name)  # exited by itself: clear runc's state
+            img = self.images.resolve(rec["image_id"])
+            net = await _net_call(self.network.attach(name, ip=rec.get("ip"), record=rec))
+            rec["netns"] = net["netns"]
+            paths = self.paths(name)
+            await bundle.mount_rootfs(paths, img.layer_dirs)
+            try:
+                await self._run(name)
+            except BaseException:
+                await bundle.unmount_rootfs(paths)
+                raise
+            rec["desired"] = "running"
+            rec["started_at"] = time.time()
+            await self._save(name, rec)
+        return self._summary(rec)
+
+    async def rm(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Remove a stopped cnvm (running ones only with force); upper dir and log go too."""
+        bundle.check_name(name)
+        async with self.lock(name):
+            rec = await self.record(name)
+            st = await self.runc.state(name)
+            if rec is None and st is None:
+                raise _err(ErrorCode.NOT_FOUND, f"no cnvm named {name!r} on {self.node}")
+            if st is not None and st.status in ("running", "paused") and not force:
+                raise _err(ErrorCode.CONFLICT, f"cnvm {name!r} is {st.status}: stop it first "
+                           "or use --force", name=name)
+            await self._teardown(name, rec or {"name": name})
+        return {"name": name, "removed": True}
+
+    # ---- exec / logs
+
+    async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
+                   env: list[str] | None = None, cwd: str | None = None,
+                   timeout: float | None = 300) -> dict[str, Any]:
+        """Run a command inside the running cnvm; its exit code is passed through."""
+        await self._require(name)
+        if not argv:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "exec needs a command")
+        st = await self.runc.state(name)
+        if st is None or st.status != "running":
+            raise _err(ErrorCode.CONFLICT, f"cnvm {name!r} is not running")
+        res = await self.runc.exec(name, argv, input=input, env=env or [], cwd=cwd,
+                                   timeout=timeout)
+        return {"exit_code": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+
+    async def logs(self, name: str, *, tail: int | None = None) -> str:
+        """The console log (last `tail` lines, at most LOG_TAIL_MAX bytes)."""
+        rec = await self._require(name)
+        return await asyncio.to_thread(_read_tail, Path(rec.get("log") or
+                                                        self.paths(name).console_log), tail)
+
+    async def follow(self, name: str, *, tail: int | None = None,
+                     interval: float = 0.2) -> AsyncIterator[str]:
+        """Yield the log, then new output as it comes, until the cnvm leaves this node."""
+        rec = await self._require(name)
+        path = Path(rec.get("log") or self.paths(name).console_log)
+        text, pos = await asyncio.to_thread(_read_tail_pos, path, tail)
+        if text:
+            yield text
+        while True:
+            chunk, pos = await asyncio.to_thread(_read_from, path, pos)
+            if chunk:
+                yield chunk
+            elif await self.record(name) is None:
+                return
+            else:
+                await asyncio.sleep(interval)
+
+    # ---- view
+
+    def _summary(self, rec: dict[str, Any]) -> dict[str, Any]:
+        keys = ("name", "node", "image", "image_id", "hostname", "ip", "memory", "cpus",
+                "netns", "desired", "bundle", "log")
+        return {k: rec.get(k) for k in keys}
+
+
+async def _log_shim(path: Path) -> LogPipe:
+    """runtime's console-log shim, bounded: a deploy must never hang on it."""
+    try:
+        return await asyncio.wait_for(start_log_shim(path), 20)
+    except (TimeoutError, OSError, RuntimeError) as exc:
+        raise _err(ErrorCode.FAILED, f"the log shim for {path} did not start: {exc}"
+                   ) from None
+
+
+def _read_tail_pos(path: Path, tail: int | None) -> tuple[str, int]:
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - LOG_TAIL_MAX))
+            data = f.read(end - f.tell())
+    except FileNotFoundError:
+        return "", 0
+    text = data.decode(errors="replace")
+    if tail is not None:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[-tail:]) if tail > 0 else ""
+    return text, end
+
+
+def _read_tail(path: Path, tail: int | None) -> str:
+    return _read_tail_pos(path, tail)[0]
+
+
+def _read_from(path: Path, pos: int) -> tuple[str, int]:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < pos:
+                pos = 0  # truncated/replaced (e.g. arrived by teleport): start over
+            f.seek(pos)
+            data = f.read(min(size - pos, 1 << 20))
+    except FileNotFoundError:
+        return "", pos
+    return data.decode(errors="replace"), pos + len(data)
+
+
+# ----------------------------------------------------------------------------- ops
+
+router = Router()
+
+
+def _svc(ctx: Context) -> Lifecycle:
+    svc = ctx.daemon.services.get("lifecycle")
+    if svc is None:
+        raise ProtoError(ErrorCode.UNAVAILABLE, "the lifecycle service is not started")
+    return svc
+
+
+@router.on_startup
+async def start_lifecycle(daemon: Any) -> None:
+    cfg = daemon.config
+    life: Lifecycle | None = None
+
+    async def in_use() -> dict[str, list[str]]:
+        return await life.images_in_use() if life is not None else {}
+
+    store = ImageStore.from_config(cfg, in_use=in_use)
+    await asyncio.to_thread(store.load)
+    runc = daemon.services.get("runc") or Runc(cfg.runc_root, cfg.runc, cfg.criu)
+    life = Lifecycle(node=cfg.node_name, state=daemon.state, images=store, runc=runc,
+                     cnvms_dir=cfg.cnvms_dir,
+                     network_lookup=lambda: daemon.services.get("network"))
+    daemon.services["images"] = store
+    daemon.services["lifecycle"] = life
+
+
+@router.op("images.import")
+async def images_import(ctx: Context, args: Args) -> dict[str, Any]:
+    """Import an OCI layout (dir/tar), a docker-save tar or a rootfs tarball."""
+    path = args.str("path")
+    name = args.str("name", None)
+    kind = args.str("format", "auto", choices=("auto", "oci", "docker", "rootfs"))
+    args.reject_unknown()
+    if not os.path.isabs(path):
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"path {path!r} must be absolute")
+    ctx.progress("import", path=path)
+    t0 = time.monotonic()
+    img = await _svc(ctx).images.import_path(path, name, kind=kind)
+    return {**img.summary(), "full_id": img.id, "seconds": round(time.monotonic() - t0, 3)}
+
+
+@router.op("images.ls")
+async def images_ls(ctx: Context, args: Args) -> list[dict[str, Any]]:
+    """List the node's images."""
+    args.reject_unknown()
+    store = _svc(ctx).images
+    users = await _svc(ctx).images_in_use()
+    return [{**i.summary(), "used_by": sorted(users.get(i.id, []))} for i in store.list()]
+
+
+@router.op("images.inspect")
+async def images_inspect(ctx: Context, args: Args) -> dict[str, Any]:
+    """One image: names, digests, layers, config."""
+    ref = args.str("image")
+    args.reject_unknown()
+    return _svc(ctx).images.inspect(ref)
+
+
+@router.op("images.rm")
+async def images_rm(ctx: Context, args: Args) -> dict[str, Any]:
+    """Remove an image (refused while a cnvm uses it)."""
+    ref = args.str("image")
+    args.reject_unknown()
+    img = await _svc(ctx).images.remove(ref)
+    return {"id": img.short_id, "names": img.names, "removed": True}
+
+
+@router.op("deploy")
+async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
+    """Deploy a cnvm from an image and start it."""
+    name = args.str("name", max_len=63)
+    image = args.str("image")
+    hostname = args.str("hostname", None, max_len=253)
+    ip = args.str("ip", None, max_len=64)
+    # sizes and counts come as text ("256M", "500m") or as numbers
+    memory = (args.str("memory", None, max_len=32) if isinstance(args.get("memory"), str)
+              else args.int("memory", None, min=0))
+    cpus = (args.str("cpus", None, max_len=32) if isinstance(args.get("cpus"), str)
+            else args.float("cpus", None))
+    env = args.list("env", [])
+    cmd = args.list("cmd", [])
+    args.reject_unknown()
+    return await _svc(ctx).deploy(name, image, hostname=hostname, ip=ip, memory=memory,
+                                  cpus=cpus, env=env, cmd=cmd)
+
+
+@router.op("stop")
+async def stop(ctx: Context, args: Args) -> dict[str, Any]:
+    """Stop a cnvm: SIGTERM, then SIGKILL after --time seconds."""
+    name = args.str("name", max_len=63)
+    t = args.float("time", 10.0, min=0, max=3600)
+    args.reject_unknown()
+    return await _svc(ctx).stop(name, timeout=t)
+
+
+@router.op("start")
+async def start(ctx: Context, args: Args) -> dict[str, Any]:
+    """Start a stopped cnvm."""
+    name = args.str("name", max_len=63)
+    args.reject_unknown()
+    return await _svc(ctx).start(name)
+
+
+@router.op("rm")
+async def rm(ctx: Context, args: Args) -> dict[str, Any]:
+    """Remove a cnvm (running ones only with force)."""
+    name = args.str("name", max_len=63)
+    force = args.bool("force", False)
+    args.reject_unknown()
+    return await _svc(ctx).rm(name, force=force)
+
+
+@router.op("exec")
+async def exec_(ctx: Context, args: Args) -> dict[str, Any]:
+    """Run a command in a cnvm; returns exit_code, stdout, stderr."""
+    name = args.str("name", max_len=63)
+    argv = args.list("cmd")
+    env = args.list("env", [])
+    cwd = args.str("cwd", None)
+    timeout = args.float("timeout", 300.0, min=0.1, max=86400)
+    args.reject_unknown()
+    return await _svc(ctx).exec(name, argv, env=env, cwd=cwd, timeout=timeout)
+
+
+@router.op("logs")
+async def logs(ctx: Context, args: Args) -> dict[str, Any]:
+    """A cnvm's console output; with follow, streamed as `output` events."""
+    name = args.str("name", max_len=63)
+    follow = args.bool("follow", False)
+    tail = args.int("tail", None, min=0)
+    args.reject_unknown()
+    svc = _svc(ctx)
+    if not follow:
+        return {"name": name, "data": await svc.logs(name, tail=tail)}
+    async for chunk in svc.follow(name, tail=tail):
+        ctx.emit(EVT_OUTPUT, {"data": chunk})
+        await ctx.drain()
+    return {"name": name, "data": "", "ended": "the cnvm left this node"}
