@@ -109,7 +109,8 @@ class Demo:
     async def wait_tcp(self, host: str, ip: str, port: int, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            r = await self.lab.exec(host, ["busybox", "nc", "-z", "-w", "1", ip, str(port)],
+            r = await self.lab.exec(host, ["timeout", "2", "bash", "-c",
+                                           f"exec 3<>/dev/tcp/{ip}/{port}"],
                                     check=False, timeout=5)
             if r.returncode == 0:
                 return
