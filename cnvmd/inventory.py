@@ -180,4 +180,9 @@ async def inspect(ctx: Context, args: Args) -> dict[str, Any]:
     out["runc"] = c
     out["adoption"] = ({"pid": a.pid, "at": a.at, "by_instance": d.instance}
                        if a is not None and out["adopted"] else None)
+    try:  # the last teleports (cnvmd.migration keeps them; they travel with the cnvm)
+        kept = await asyncio.to_thread(d.state.load, "teleports", name)
+    except StateError:
+        kept = None
+    out["teleports"] = (kept or {}).get("reports", [])
     return out

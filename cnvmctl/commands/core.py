@@ -109,6 +109,11 @@ def render_inspect(r: dict[str, Any]) -> None:
     if r.get("runc"):
         print("runc:")
         print_tree(r["runc"], 2)
+    for t in (r.get("teleports") or [])[-5:]:
+        res = "ok" if t.get("ok") else "rolled back" if t.get("rolled_back") else "failed"
+        print(f"teleport  {t.get('source')} -> {t.get('target')} {t.get('mode')} {res}, "
+              f"frozen {1000 * (t.get('frozen_seconds') or 0):.0f} ms, "
+              f"total {t.get('total_seconds') or 0:.2f} s, wire {size(t.get('wire_bytes'))}")
 
 
 @command("inspect", help="show one cnvm in detail",

@@ -1,0 +1,210 @@
+"""How the teleport engine reaches the other node: RPC, byte streams, TCP relays.
+
+The engine only sees `NodeLink`; `PeerLink` implements it over the peer mesh
+(asyncssh: one SSH connection per peer, RPC on a multiplexed channel, every
+stream and relayed TCP connection on its own channel). Keeping the interface
+this narrow lets the engine be tested against other transports and keeps
+asyncssh details (windows, channel errors) inside `cnvmd.peers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from proto.messages import ErrorCode, ProtoError
+
+STREAM_KIND = "teleport.data"
+
+
+class ByteStream(Protocol):
+    """A half-closable byte pipe with a framed trailer from the far side."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    async def read_frame(self) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+class Relay(Protocol):
+    """A local TCP listener whose connections are carried to a port on the other node."""
+
+    port: int
+    bytes_up: int
+    bytes_down: int
+
+    async def close(self) -> None: ...
+
+
+class NodeLink(Protocol):
+    node: str
+
+    async def call(self, op: str, args: dict[str, Any], *, timeout: float | None = 60.0,
+                   on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Any: ...
+
+    async def open_stream(self, args: dict[str, Any]) -> ByteStream: ...
+
+    async def relay(self, remote_port: int) -> Relay: ...
+
+
+class PeerLink:
+    """NodeLink over `cnvmd.peers.PeerService`: API ops run on the peer via `forward`."""
+
+    def __init__(self, svc: Any, node: str) -> None:
+        self.svc = svc
+        self.node = node
+
+    async def call(self, op: str, args: dict[str, Any], *, timeout: float | None = 60.0,
+                   on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Any:
+        return await self.svc.forward(self.node, op, args, timeout=timeout, on_event=on_event)
+
+    async def open_stream(self, args: dict[str, Any]) -> ByteStream:
+        return await self.svc.open_stream(self.node, STREAM_KIND, args)
+
+    async def relay(self, remote_port: int) -> Relay:
+        return await self.svc.relay_tcp(self.node, remote_port)
+
+
+def peer_service(daemon: Any) -> Any:
+    svc = daemon.services.get("peers")
+    if svc is None:
+        raise ProtoError(ErrorCode.UNAVAILABLE,
+                         "the peer mesh is not running on this node: teleport needs it "
+                         "(run `cnvmctl cluster init` / `cnvmctl join`)")
+    return svc
+
+
+def member_names(svc: Any) -> set[str]:
+    """Active members as this node sees them (for 'unknown node' refusals)."""
+    try:
+        return {n["name"] for n in svc.nodes()}
+    except Exception:
+        return set()
+
+
+# --------------------------------------------------------------------------- page relay
+
+CHUNK = 1 << 20
+
+
+def abort_tcp(writer: asyncio.StreamWriter) -> None:
+    """Close with a RST (SO_LINGER 0), so the peer sees an error, not a clean EOF."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def splice(stream: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 clean_eof: Callable[[], bool] = lambda: True) -> tuple[int, int]:
+    """Copy TCP <-> stream both ways. When the stream ends and `clean_eof()` is False,
+    the TCP side is reset instead of half-closed.
+
+    Why: CRIU 4.2.1's lazy page server treats a clean EOF from the lazy-pages client
+    as "all pages served" and kills the (frozen) source cnvm; a RST makes it fail
+    and let go of the cnvm, which the engine then resumes. So until the target has
+    reported a successful restore, the source side never passes on a clean EOF.
+    """
+    counts = [0, 0]
+
+    async def up() -> None:  # tcp -> stream
+        try:
+            while data := await reader.read(CHUNK):
+                counts[0] += len(data)
+                await stream.write(data)
+            stream.write_eof()
+        except (OSError, ConnectionError):
+            stream.close()
+
+    async def down() -> None:  # stream -> tcp
+        while True:
+            try:
+                data = await stream.read(CHUNK)
+            except Exception:
+                data = b""
+            if not data:
+                break
+            counts[1] += len(data)
+            writer.write(data)
+            await writer.drain()
+        if clean_eof():
+            if writer.can_write_eof() and not writer.is_closing():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+        else:
+            abort_tcp(writer)
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        await asyncio.gather(*tasks)
+    except (OSError, ConnectionError):
+        abort_tcp(writer)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stream.close()
+        writer.close()
+    return counts[0], counts[1]
+
+
+class StreamRelay:
+    """A loopback TCP listener; each connection is spliced into a new stream to a peer.
+
+    Used on a postcopy target: CRIU's lazy-pages daemon connects here, and the
+    source's handler connects the stream to its lazy page server.
+    """
+
+    def __init__(self, link: NodeLink, args: dict[str, Any]) -> None:
+        self.link = link
+        self.args = args
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.errors: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> StreamRelay:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=CHUNK)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            stream = await self.link.open_stream(self.args)
+            up, down = await splice(stream, reader, writer)
+            self.bytes_up += up
+            self.bytes_down += down
+        except Exception as exc:
+            self.errors.append(str(exc))
+            abort_tcp(writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (CRIU needs a number up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
