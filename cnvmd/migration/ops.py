@@ -89,11 +89,15 @@ async def start_teleport(daemon: Any) -> None:
         daemon.config.criu, daemon.config.state_dir)
     _, tgt = _sides(daemon)
 
+    from cnvmd.peers.ops import on_peers
+
+    on_peers(daemon, lambda svc: _register_stream(daemon, svc))
+
     async def wait_peers() -> None:
         # The network and the peer mesh start after us (hooks run in module order):
         # clean interrupted arrivals once the network service can take back its netns.
         for _ in range(600):
-            if _register_stream(daemon):
+            if daemon.services.get("peers") is not None:
                 break
             await asyncio.sleep(0.05)
         try:
@@ -111,8 +115,8 @@ async def stop_teleport(daemon: Any) -> None:
         t.cancel()
 
 
-def _register_stream(daemon: Any) -> bool:
-    svc = daemon.services.get("peers")
+def _register_stream(daemon: Any, svc: Any = None) -> bool:
+    svc = svc if svc is not None else daemon.services.get("peers")
     if svc is None:
         return False
     if getattr(svc, "_cnvm_teleport_stream", False):
@@ -232,7 +236,8 @@ async def t_image(ctx: Context, args: Args) -> dict[str, Any]:
 
 @router.op("teleport.pages", summary="(peer) target: start a CRIU page server")
 async def t_pages(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).pages(args.str("sid"), args.int("round", None, min=0))
+    return await _tgt(ctx).pages(args.str("sid"), args.int("round", None, min=0),
+                                 args.str("parent", None, pattern=r"round-[0-9]+"))
 
 
 @router.op("teleport.restore", cancel_on_disconnect=False,
@@ -249,6 +254,11 @@ async def t_commit(ctx: Context, args: Args) -> dict[str, Any]:
 @router.op("teleport.abort", summary="(peer) target: undo a session")
 async def t_abort(ctx: Context, args: Args) -> dict[str, Any]:
     return await _tgt(ctx).abort(args.str("sid"))
+
+
+@router.op("teleport.pagemaps", summary="(peer) target: a pre-dump round's pagemap images")
+async def t_pagemaps(ctx: Context, args: Args) -> dict[str, Any]:
+    return await _tgt(ctx).pagemaps(args.str("sid"), args.int("round", min=0))
 
 
 @router.op("teleport.status", summary="(peer) target: where a session stands")

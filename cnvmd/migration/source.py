@@ -58,6 +58,7 @@ from proto.messages import ErrorCode, ProtoError
 log = logging.getLogger("cnvmd.teleport")
 
 Emit = Callable[[str, dict[str, Any]], None]
+PREDUMP_ATTEMPTS = 3  # per pre-copy round: a pre-dump can lose a race with exiting tasks
 
 
 class TeleportError(ProtoError):
@@ -113,6 +114,9 @@ class Teleport:
         self._prepared = False
         self._relay: Any = None
         self._parent: list[str] = []  # --parent-path of the final dump after pre-dumps
+        self._last_round: int | None = None  # the final dump's parent dir round-K
+        self._last_dir: int | None = None  # the last good pre-dump dir (round-K)
+        self._seq = 0  # pre-dump dirs made (attempts, also failed ones)
         self.wire = 0
         self.netns = ""
         self.host_veth: str | None = None
@@ -334,7 +338,7 @@ class Teleport:
         await self._hold("transfer")
         if mode in (Mode.STOP_COPY, Mode.PRECOPY) and not self.opts.baseline:
             # the target's page server and our relay to it, before the cnvm stops
-            ps = await self.link.call("teleport.pages", {"sid": self.sid}, timeout=30)
+            ps = await self.link.call("teleport.pages", self._pages_args(), timeout=30)
             self._relay = await self.link.relay(ps["port"])
         # ---- freeze and final copy
         self.enter("freeze")
@@ -386,34 +390,111 @@ class Teleport:
         assert self.link is not None
         self.enter("precopy")
         conv = Convergence(max_downtime=self.opts.max_downtime, max_rounds=self.opts.max_rounds)
-        link = self.link
 
         async def dump_round(i: int) -> int:
-            ps = await link.call("teleport.pages", {"sid": self.sid, "round": i}, timeout=30)
-            relay = await link.relay(ps["port"])
-            try:
-                img = self.dir / f"round-{i}"
-                extra = ["--pre-dump"]
-                if i:
-                    extra += ["--parent-path", f"../round-{i - 1}"]
-                await self.runc.checkpoint(self.name, img, work_dir=self.dir / f"work-{i}",
-                                           tcp_established=False,
-                                           page_server=f"127.0.0.1:{relay.port}",
-                                           extra_args=extra, timeout=300)
-            finally:
-                await relay.close()
-            n = relay.bytes_up
-            self.wire += n + relay.bytes_down
-            return n
+            for attempt in range(PREDUMP_ATTEMPTS):
+                try:
+                    return await self._predump(i)
+                except RuncError as exc:
+                    # A task that exits while CRIU seizes the tree ("Unseizable
+                    # non-zombie") fails the whole pre-dump; the cnvm runs on untouched.
+                    if attempt + 1 == PREDUMP_ATTEMPTS:
+                        raise
+                    self.report.phases["predump_retries"] = (
+                        self.report.phases.get("predump_retries", 0) + 1)
+                    log.warning("teleport %s: pre-dump round %d failed, retrying%s: %s",
+                                self.sid, i, "" if self._last_dir is not None
+                                else " as a full round", exc.why)
+            raise AssertionError("unreachable")
 
         def on_round(i: int, rnd: Any, decision: Decision) -> None:
             self.report.rounds.append(RoundReport("predump", rnd.bytes, round(rnd.seconds, 4)))
             self.emit_progress(round=i, done=rnd.bytes, unit="bytes",
                                rate=round(rnd.bandwidth), decision=str(decision))
 
-        res = await precopy.run_rounds(dump_round, conv, on_round)
+        if mode is Mode.HYBRID:
+            fetch = self._fetch_pagemaps
+
+            async def dump_and_fetch(i: int) -> int:
+                n = await dump_round(i)
+                await fetch()
+                return n
+
+            res = await precopy.run_rounds(dump_and_fetch, conv, on_round)
+        else:
+            res = await precopy.run_rounds(dump_round, conv, on_round)
         self.report.phases["precopy_converged"] = 1.0 if res.converged else 0.0
-        self._parent = ["--parent-path", f"../round-{len(res.rounds) - 1}"]
+        self._last_round = self._last_dir
+        if self._last_dir is not None:
+            self._parent = ["--parent-path", f"../round-{self._last_dir}"]
+
+    async def _predump(self, i: int) -> int:
+        """One pre-dump into a fresh ``round-K`` dir on both sides, parented on the last
+        good one. Returns the page bytes the round shipped.
+
+        After a failed attempt that may already have reset the soft-dirty bits of some
+        task, pages clean since then exist only in the failed round's (discarded)
+        images: the next attempt must then be a full, parentless round.
+        """
+        assert self.link is not None
+        k = self._seq
+        self._seq += 1
+        parent = self._last_dir
+        pargs: dict[str, Any] = {"sid": self.sid, "round": k}
+        extra = ["--pre-dump"]
+        if parent is not None:
+            pargs["parent"] = f"round-{parent}"
+            extra += ["--parent-path", f"../round-{parent}"]
+        ps = await self.link.call("teleport.pages", pargs, timeout=30)
+        relay = await self.link.relay(ps["port"])
+        work = self.dir / f"work-{k}"
+        try:
+            await self.runc.checkpoint(self.name, self.dir / f"round-{k}", work_dir=work,
+                                       tcp_established=False,
+                                       page_server=f"127.0.0.1:{relay.port}",
+                                       extra_args=extra, timeout=300)
+            await _settle(relay)
+        except RuncError:
+            text = await asyncio.to_thread(_read_text, work / "dump.log")
+            if text is None or "dirty tracking" in text:
+                self._last_dir = None
+            raise
+        finally:
+            await relay.close()
+            self.wire += relay.bytes_up + relay.bytes_down
+        self._last_dir = k
+        return relay.bytes_up
+
+    async def _fetch_pagemaps(self) -> None:
+        """Copy the last round's pagemaps from the target into the local round dir.
+
+        Why: the lazy (hybrid) final dump is not streamed to a page server; it reads
+        its parent locally to mark pages unchanged since the last round as "in the
+        parent" (restored from the target's round dirs) instead of lazy. Without
+        them every page would be lazy and the rounds wasted (still correct).
+        """
+        assert self.link is not None and self._last_dir is not None
+        k = self._last_dir
+        ans = await self.link.call("teleport.pagemaps", {"sid": self.sid, "round": k},
+                                   timeout=60)
+        files = {str(n): bytes(b) for n, b in dict(ans.get("files") or {}).items()}
+        d = self.dir / f"round-{k}"
+
+        def write() -> None:
+            for n, b in files.items():
+                if "/" in n or not n.startswith("pagemap-"):
+                    continue
+                (d / n).write_bytes(b)
+
+        await asyncio.to_thread(write)
+        self.wire += sum(len(b) for b in files.values())
+
+    def _pages_args(self) -> dict[str, Any]:
+        """The final dump's page server: parented on the last pre-dump, if any."""
+        args: dict[str, Any] = {"sid": self.sid}
+        if self._last_round is not None:
+            args["parent"] = f"round-{self._last_round}"
+        return args
 
     # ---- freeze variants
 
@@ -421,7 +502,7 @@ class Teleport:
         """Stop-and-copy: the dump streams its pages into the target's page server."""
         assert self.link is not None
         if stream_pages and self._relay is None:
-            ps = await self.link.call("teleport.pages", {"sid": self.sid}, timeout=30)
+            ps = await self.link.call("teleport.pages", self._pages_args(), timeout=30)
             self._relay = await self.link.relay(ps["port"])
         await self._grab_neighbors()
         await netmove.isolate(self.host_veth)
@@ -441,6 +522,8 @@ class Teleport:
             delta.cancel()
             raise
         self._ck_ready = True
+        if self._relay is not None:
+            await _settle(self._relay)
         pages = self._relay.bytes_up if self._relay else 0
         self.wire += pages + (self._relay.bytes_down if self._relay else 0)
         self.report.rounds.append(RoundReport("dump", pages, round(time.monotonic() - t, 4)))
@@ -685,6 +768,24 @@ async def pack_plain(src: Path, sink: Callable[[bytes], Any]) -> int:
             await p.wait()
         raise
     return n
+
+
+async def _settle(relay: Any, timeout: float = 10.0) -> None:
+    """Let the relayed page-server connection end by itself before reading its byte
+    counts: the dump returns once the server acked, but the relay only adds a
+    connection's bytes when both directions have closed (closing it earlier would
+    cancel the count)."""
+    wait = getattr(relay, "wait_idle", None)
+    if wait is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait(), timeout)
+
+
+def _read_text(p: Path) -> str | None:
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return None
 
 
 def _size(p: Path) -> int:

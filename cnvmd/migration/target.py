@@ -69,6 +69,7 @@ class Session:
     mounted: bool = False
     record_written: bool = False
     page_server: asyncio.subprocess.Process | None = None
+    page_log: Path | None = None
     lazy: asyncio.subprocess.Process | None = None
     relay: links.StreamRelay | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -264,17 +265,35 @@ class TargetSide:
 
     # ---- pages (stop-copy)
 
-    async def pages(self, sid: str, rnd: int | None = None) -> dict[str, Any]:
-        """Start a page server for the final dump, or for pre-dump round `rnd`."""
+    async def pages(self, sid: str, rnd: int | None = None,
+                    parent: str | None = None) -> dict[str, Any]:
+        """Start a page server for the final dump, or for pre-dump round `rnd`.
+
+        `parent` (``round-K``, a sibling dir) is the previous pre-dump: the page server
+        links it as ``parent`` in its images dir (``--prev-images-dir``) so that it
+        answers the dumper's "has parent" and the restore finds the pages that this
+        round skipped (unchanged since round K) by following the link.
+        """
         s = self.get(sid)
-        port = links.free_port()
         images = s.images if rnd is None else s.dir / f"round-{rnd}"
         await asyncio.to_thread(_mkdirs, images)
         if s.page_server is not None and s.page_server.returncode is None:
-            raise _err(ErrorCode.CONFLICT, f"{self.node}: a page server already runs")
+            # The previous round's server exits once its dumper hung up (a failed
+            # pre-dump's may linger): a moment, then it goes.
+            try:
+                await asyncio.wait_for(s.page_server.wait(), 5)
+            except TimeoutError:
+                proc.kill_group(s.page_server.pid)
+                await s.page_server.wait()
+        if parent is not None and not await asyncio.to_thread((s.dir / parent).is_dir):
+            raise _err(ErrorCode.FAILED, f"{self.node}: no pre-dump {parent} to build on")
+        port = links.free_port()
         argv = [self.criu, "page-server", "--images-dir", str(images), "--address",
                 "127.0.0.1", "--port", str(port), "--work-dir", str(s.work),
-                "--log-file", "page-server.log", "-v2"]
+                "--log-file", f"page-server{'' if rnd is None else f'-{rnd}'}.log", "-v2"]
+        if parent is not None:
+            argv += ["--prev-images-dir", f"../{parent}"]
+        s.page_log = s.work / argv[argv.index("--log-file") + 1]
         s.page_server = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -283,9 +302,27 @@ class TargetSide:
                 break
             if s.page_server.returncode is not None:
                 raise _err(ErrorCode.FAILED, f"{self.node}: criu page-server exited: "
-                           + _tail(s.work / "page-server.log"))
+                           + _tail(s.page_log))
             await asyncio.sleep(0.01)
         return {"port": port}
+
+    async def pagemaps(self, sid: str, rnd: int) -> dict[str, Any]:
+        """The pagemap images of pre-dump round `rnd` (small: one entry per run of
+        pages). A hybrid source needs them: its lazy dump decides per page "in the
+        parent" from its local parent images, whose pages stay here."""
+        s = self.get(sid)
+        d = s.dir / f"round-{rnd}"
+        if s.page_server is not None and s.page_server.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.page_server.wait(), PAGE_SERVER_WAIT)
+
+        def read() -> dict[str, bytes]:
+            return {p.name: p.read_bytes() for p in d.glob("pagemap-*.img")}
+
+        files = await asyncio.to_thread(read)
+        if not files:
+            raise _err(ErrorCode.NOT_FOUND, f"{self.node}: no pagemaps in {d.name}")
+        return {"files": files}
 
     # ---- restore: the switchover
 
@@ -320,9 +357,17 @@ class TargetSide:
                     from None
             if s.page_server.returncode != 0:
                 raise _err(ErrorCode.FAILED, f"{self.node}: page server failed: "
-                           + _tail(s.work / "page-server.log"))
+                           + _tail(s.page_log or s.work / "page-server.log"))
             timings["pages_wait"] = time.monotonic() - t0
         cfg = retarget_config(s.config, node=self.node, name=s.name, netns=s.netns_path)
+        src_cg = str((s.config.get("linux") or {}).get("cgroupsPath") or "")
+        if src_cg and not await asyncio.to_thread(_cgroup_exists, src_cg):
+            # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup
+            # v2 runc's cgroup-root remap does not apply): runc must track that same
+            # cgroup, or its pause and the next teleport's freeze miss the tasks
+            # (pre-dump: "Unseizable non-zombie"). A per-node path only where the
+            # source's cgroup exists here (lab nodes sharing one host).
+            cfg["linux"]["cgroupsPath"] = src_cg
         await asyncio.to_thread(_write_json, paths.config, cfg)
         if a.get("fail_restore"):  # fault injection for the tests: a real broken image set
             await asyncio.to_thread(_break_images, s.images)
@@ -440,6 +485,11 @@ class TargetSide:
         while s.status in ("prepared", "restoring"):
             await asyncio.sleep(min(1.0, s.lease / 4))
             if s.busy or s.status != "prepared":
+                continue
+            if s.page_server is not None and s.page_server.returncode is None:
+                # A pre-dump round streams into it (rounds can outlast the lease on a
+                # slow link); if the source dies, its relay drops and the server exits.
+                s.touch()
                 continue
             if time.monotonic() - s.last_seen > s.lease:
                 with contextlib.suppress(Exception):
@@ -608,6 +658,18 @@ def _break_images(images: Path) -> None:
     """Corrupt an image only the restore reads (the lazy-pages daemon does not)."""
     for p in images.glob("files.img"):
         p.write_bytes(b"\0" * 16)
+
+
+def _cgroup_exists(path: str) -> bool:
+    """Whether cgroup `path` exists here, in the unified or any v1 hierarchy."""
+    rel = path.strip("/")
+    root = Path("/sys/fs/cgroup")
+    if (root / rel).is_dir():
+        return True
+    try:
+        return any((h / rel).is_dir() for h in root.iterdir() if h.is_dir())
+    except OSError:
+        return False
 
 
 def _own_addresses() -> set[str]:

@@ -8,7 +8,7 @@ it attaches to the peer mesh as soon as ``daemon.services["peers"]`` appears
 
 from __future__ import annotations
 
-import asyncio
+import ipaddress
 import logging
 from typing import Any
 
@@ -21,7 +21,6 @@ from .service import Network
 log = logging.getLogger("cnvmd.network")
 router = Router()
 
-PEERS_WAIT = 120.0
 _OWNER = r"(node:)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 
 
@@ -33,6 +32,19 @@ def _net(ctx: Context) -> Network:
     return net
 
 
+def _underlay_local(config: Any) -> str | None:
+    """The VXLAN's local address: the peer mesh's listen address when it is a specific
+    IPv4 address. Why: with no default route (VM-lab guests, whose only other NIC is
+    the harness's ssh NIC) the underlay would be guessed from the first address found;
+    the address the peers talk to is the one the tunnels must use."""
+    addr = str(getattr(config, "listen_address", "") or "")
+    try:
+        ip = ipaddress.IPv4Address(addr)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified or ip.is_loopback else addr
+
+
 def _proto(exc: NetworkError) -> ProtoError:
     return ProtoError(exc.code, exc.message)
 
@@ -41,7 +53,7 @@ def _proto(exc: NetworkError) -> ProtoError:
 async def start_network(daemon: Any) -> None:
     """Create the service; repair what a previous daemon built. Never fails the daemon."""
     try:
-        net = Network(daemon.config, store=daemon.state)
+        net = Network(daemon.config, store=daemon.state, local=_underlay_local(daemon.config))
     except NetworkError as exc:
         log.error("overlay network disabled: %s", exc)
         return
@@ -53,18 +65,9 @@ async def start_network(daemon: Any) -> None:
     except Exception:
         log.exception("overlay network: repair at start failed; `cnvmctl net up` retries")
 
-    async def attach() -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + PEERS_WAIT
-        while loop.time() < end:
-            svc = daemon.services.get("peers")
-            if svc is not None:
-                net.attach_peers(svc)
-                return
-            await asyncio.sleep(0.1)
-        log.warning("no peer mesh: IPAM decides alone and the flood list stays empty")
+    from cnvmd.peers.ops import on_peers
 
-    net.spawn(attach())
+    on_peers(daemon, net.attach_peers)
 
 
 @router.on_shutdown

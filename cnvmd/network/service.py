@@ -216,6 +216,9 @@ class Network:
     async def _follow(self, svc: Any) -> None:
         from cnvmd.peers.membership import ALIVE
 
+        # Ops are registered before the mesh serves; the membership table is only
+        # loaded from disk by start(), so follow it from then on.
+        await svc.ready.wait()
         async with svc.membership.subscribe(replay=True) as sub:
             async for ev in sub:
                 if ev.name != svc.name and ev.state == ALIVE and ev.old_state != ALIVE:

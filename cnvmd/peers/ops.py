@@ -33,6 +33,18 @@ def _svc(ctx: Context) -> PeerService:
     return svc
 
 
+PEER_HOOKS = "peers.hooks"
+
+
+def on_peers(daemon: Any, attach: Callable[[PeerService], None]) -> None:
+    """Call `attach(svc)` with the peer service before it serves (or now, if it does)."""
+    svc = daemon.services.get("peers")
+    if svc is not None:
+        attach(svc)
+    else:
+        daemon.services.setdefault(PEER_HOOKS, []).append(attach)
+
+
 @router.on_startup
 async def start_peers(daemon: Any) -> None:
     caps: dict[str, Any] = {}
@@ -44,6 +56,10 @@ async def start_peers(daemon: Any) -> None:
     caps.update({k: v for k, v in (getattr(daemon, "versions", {}) or {}).items() if v})
     svc = PeerService(daemon.config, capabilities=_msgpackable(caps))
     svc.set_forward_handler(lambda op, args, emit: run_local_op(daemon, op, args, emit))
+    # Subsystems register their peer ops and streams before the port opens, so a peer
+    # never meets a member that answers "unknown peer op" while it starts.
+    for attach in daemon.services.pop(PEER_HOOKS, []):
+        attach(svc)
     try:
         await svc.start()
     except OSError as exc:

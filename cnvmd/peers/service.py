@@ -289,10 +289,16 @@ class PeerService:
         self._write_fut: asyncio.Future[None] | None = None
         self._round = 0
         self._started = False
+        self.ready = asyncio.Event()  # set once state is loaded and the port is open
         self._loaded = False
         self._register_builtins()
 
     # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Persisted state is loaded and the port is open."""
+        return self._started
 
     async def start(self) -> None:
         """Load keys and state, listen, and start gossiping (rejoins by itself)."""
@@ -322,6 +328,7 @@ class PeerService:
         self.membership.add_listener(self._on_member_event)
         self._gossip_task = asyncio.create_task(self._gossip_loop(), name="peers-gossip")
         self._started = True
+        self.ready.set()
         log.info("peers: %s listening on %s:%d (key %s)%s", self.name,
                  self.config.listen_address, self.port, trust.fingerprint(self.key),
                  f", cluster {self.cluster.cluster_id}" if self.cluster else ", no cluster yet")
