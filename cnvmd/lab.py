@@ -49,29 +49,6 @@ def _proc_start_time(pid: int) -> int | None:
     return int(data.rsplit(")", 1)[1].split()[19])
 
 
-def _netns_inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return None
-
-
-def pids_in_netns(inodes: set[int]) -> list[int]:
-    """Processes whose network namespace is one of inodes (found through /proc)."""
-    me = os.getpid()
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            st = os.stat(f"/proc/{d}/ns/net")
-        except OSError:
-            continue
-        if st.st_ino in inodes:
-            out.append(int(d))
-    return out
-
-
 @dataclass(frozen=True)
 class HostStatus:
     host: str
@@ -357,10 +334,9 @@ class Lab:
             except Exception as exc:  # keep tearing down
                 notes.append(f"runc root {root}: {exc}")
         # 3. whatever still lives in one of the lab's namespaces
-        inodes = {i for ns in netlink.netns_list(self.prefix)
-                  if (i := _netns_inode(netlink.netns_path(ns))) is not None}
-        if inodes:
-            stray = pids_in_netns(inodes)
+        lab_ns = netlink.netns_list(self.prefix)
+        if lab_ns:
+            stray = netlink.pids_in_netns(lab_ns)
             if stray:
                 notes.append(f"processes in lab namespaces: {stray}")
             await _terminate(stray, grace=0.5)

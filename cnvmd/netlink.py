@@ -28,7 +28,7 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +77,30 @@ class NetlinkError(OSError):
 
 def netns_path(netns: str) -> Path:
     return Path(netns) if netns.startswith("/") else NETNS_DIR / netns
+
+
+def pids_in_netns(netns: Iterable[str | Path]) -> list[int]:
+    """Pids living in any of these namespaces (names or paths; a blocking /proc scan,
+    so call it in a thread from async code)."""
+    inodes = set()
+    for ns in netns:
+        try:
+            inodes.add(netns_path(str(ns)).stat().st_ino)
+        except OSError:
+            continue
+    if not inodes:
+        return []
+    me = os.getpid()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/net").st_ino in inodes:
+                out.append(int(d))
+        except OSError:
+            continue
+    return out
 
 
 def _where(netns: str | None) -> str:

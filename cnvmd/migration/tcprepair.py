@@ -20,6 +20,8 @@ import ctypes
 import os
 import socket
 
+from cnvmd import netlink
+
 SYS_PIDFD_GETFD = 438  # x86_64 and aarch64 (generic table)
 TCP_REPAIR = 19
 TCP_REPAIR_OFF = 0
@@ -27,29 +29,9 @@ TCP_REPAIR_OFF = 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _netns_inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
 def pids_in_netns(netns_path: str) -> list[int]:
     """Processes living in that network namespace (a /proc scan: call in a thread)."""
-    ino = _netns_inode(netns_path)
-    if ino is None:
-        return []
-    me = os.getpid()
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            if os.stat(f"/proc/{d}/ns/net").st_ino == ino:
-                out.append(int(d))
-        except OSError:
-            continue
-    return out
+    return netlink.pids_in_netns([netns_path])
 
 
 def _getfd(pidfd: int, fd: int) -> int:

@@ -20,7 +20,6 @@ import asyncio
 import errno
 import ipaddress
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -438,14 +437,4 @@ class CnvmNet:
 
 def processes_in(netns_paths: Iterable[str]) -> list[int]:
     """Pids living in any of these namespaces (blocking /proc scan: run in a thread)."""
-    inodes = set()
-    for p in netns_paths:
-        try:
-            inodes.add(os.stat(p).st_ino)
-        except OSError:
-            continue
-    if not inodes:
-        return []
-    from cnvmd.lab import pids_in_netns
-
-    return pids_in_netns(inodes)
+    return netlink.pids_in_netns(netns_paths)

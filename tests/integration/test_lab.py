@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cnvmd import labpaths, netlink, proc
-from cnvmd.lab import Lab, pids_in_netns
+from cnvmd.lab import Lab
 from cnvmd.runtime import mounts_under
 
 pytestmark = pytest.mark.integration
@@ -153,8 +152,7 @@ async def test_daemons_start_per_node_and_stop(lab_factory):
     for node in ("node1", "node2"):
         assert st[node].daemon_alive and st[node].socket, st[node]
         # the daemon lives in its node's namespace
-        ino = os.stat(netlink.netns_path(lab.netns(node))).st_ino
-        assert st[node].daemon_pid in pids_in_netns({ino})
+        assert st[node].daemon_pid in netlink.pids_in_netns([lab.netns(node)])
     pids = [st["node1"].daemon_pid, st["node2"].daemon_pid]
     await lab.down()
     assert_nothing_left(LAB, pids)
