@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -208,13 +209,16 @@ class Demo:
 
     def epilogue(self, node: str) -> str:
         n = self.lab.name
+        # the venv's cnvmctl when it is not on PATH (a fresh clone after `make demo`)
+        cnvmctl = ("cnvmctl" if shutil.which("cnvmctl")
+                   else str(Path(sys.executable).parent / "cnvmctl"))
         return (f"\nThe lab {n!r} is still up. Try it yourself:\n"
                 f"  ssh in (password {PASSWORD!r}):\n"
-                f"    cnvmctl lab exec --name {n} client -- ssh {USER}@{CNVM_IP}\n"
+                f"    {cnvmctl} lab exec --name {n} client -- ssh {USER}@{CNVM_IP}\n"
                 f"  teleport by hand (from a second terminal, while logged in):\n"
-                f"    cnvmctl --lab {n} --node {node} teleport {CNVM} node1\n"
+                f"    {cnvmctl} --lab {n} --node {node} teleport {CNVM} node1\n"
                 f"  look around:\n"
-                f"    cnvmctl --lab {n} --node {node} ls\n"
-                f"    cnvmctl --lab {n} --node node1 nodes\n"
+                f"    {cnvmctl} --lab {n} --node {node} ls\n"
+                f"    {cnvmctl} --lab {n} --node node1 nodes\n"
                 f"  tear it all down:\n"
-                f"    cnvmctl lab down --name {n}")
+                f"    {cnvmctl} lab down --name {n}")
