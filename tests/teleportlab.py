@@ -34,16 +34,17 @@ PORT = 7000
 CLIENT = r"""
 import socket, sys, time
 ip, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + 20
+wait = float(sys.argv[4]) if len(sys.argv) > 4 else 20.0  # connect deadline (s)
+deadline = time.monotonic() + wait
 while True:
     try:
-        s = socket.create_connection((ip, port), timeout=2)
+        s = socket.create_connection((ip, port), timeout=5)
         break
     except OSError:
         if time.monotonic() > deadline:
             raise
         time.sleep(0.1)
-s.settimeout(60)
+s.settimeout(120)
 print("port", s.getsockname()[1], flush=True)
 f = s.makefile("rb")
 while True:

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from tests import imagebuild
+from tests.teleportlab import CLIENT
 
 from .lab import VMLab
 
@@ -96,39 +97,13 @@ def build_image(dest: Path) -> Path:
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return dest
 
-CLIENT = r"""
-import socket, sys, time
-ip, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + 60
-while True:
-    try:
-        s = socket.create_connection((ip, port), timeout=5)
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.2)
-s.settimeout(120)
-print("port", s.getsockname()[1], flush=True)
-f = s.makefile("rb")
-while True:
-    t0 = time.monotonic()
-    s.sendall(b"x\n")
-    line = f.readline()
-    if not line:
-        print("EOF", flush=True)
-        break
-    print(f"{time.monotonic():.6f} {line.split()[0].decode()} {time.monotonic() - t0:.6f}",
-          flush=True)
-    time.sleep(interval)
-"""
 
 
 class Client:
     """The client process (ssh -> python on lv2); replies read in a thread."""
 
     def __init__(self, lab: VMLab, i: int, ip: str) -> None:
-        cmd = f"python3 -u -c {shlex.quote(CLIENT)} {ip} 7000 0.05"
+        cmd = f"python3 -u -c {shlex.quote(CLIENT)} {ip} 7000 0.05 60"
         self.p = lab.popen(i, cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
         self.replies: list[tuple[float, int, float]] = []
