@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cnvmd.peers.streams import abort_tcp
 from proto.messages import ErrorCode, ProtoError
 
 STREAM_KIND = "teleport.data"
@@ -92,15 +92,6 @@ def member_names(svc: Any) -> set[str]:
 # --------------------------------------------------------------------------- page relay
 
 CHUNK = 1 << 20
-
-
-def abort_tcp(writer: asyncio.StreamWriter) -> None:
-    """Close with a RST (SO_LINGER 0), so the peer sees an error, not a clean EOF."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def splice(stream: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
