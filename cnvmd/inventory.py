@@ -185,4 +185,30 @@ async def inspect(ctx: Context, args: Args) -> dict[str, Any]:
     except StateError:
         kept = None
     out["teleports"] = (kept or {}).get("reports", [])
+    out["exposes"] = await _exposes_of(d, name)
+    return out
+
+
+async def _exposes_of(d: Any, name: str, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """The cnvm's published ports on every node (a port is published on one node and
+    forwards to the cnvm wherever it runs). Nodes that do not answer within `timeout`
+    are listed with an error instead of their ports, so inspect never hangs on them."""
+    out: list[dict[str, Any]] = []
+    net = d.services.get("network")
+    if net is not None:
+        out += [{**f.to_dict(), "node": d.node_name} for f in net.exposes(name)]
+    svc = d.services.get("peers")
+    if svc is None or getattr(svc, "cluster", None) is None:
+        return out
+    others = [m.name for m in svc.membership.active() if m.name != d.node_name]
+
+    async def one(node: str) -> list[dict[str, Any]]:
+        try:
+            r = await svc.forward(node, "exposes", {"name": name}, timeout=timeout)
+        except Exception as exc:  # an unreachable node is reported, not fatal
+            return [{"node": node, "error": str(exc) or type(exc).__name__}]
+        return [{**f, "node": node} for f in (r or {}).get("exposes", [])]
+
+    for part in await asyncio.gather(*(one(n) for n in others)):
+        out += part
     return out

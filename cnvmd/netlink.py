@@ -368,10 +368,12 @@ async def veth_add(
 
 
 async def bridge_add(ifname: str, *, netns: str | None = None, mtu: int | None = None,
-                     exist_ok: bool = False) -> None:
+                     mac: str | None = None, exist_ok: bool = False) -> None:
     spec: dict[str, Any] = {"kind": "bridge"}
     if mtu:
         spec["mtu"] = mtu
+    if mac:
+        spec["address"] = mac
     await _add(netns, "bridge", exist_ok, ifname, **spec)
 
 
@@ -385,6 +387,7 @@ async def vxlan_add(
     dstport: int = 4789,
     learning: bool = True,
     mtu: int | None = None,
+    mac: str | None = None,
 ) -> None:
     """A VXLAN device for head-end replication: add peers with `fdb_flood_add`."""
 
@@ -401,6 +404,8 @@ async def vxlan_add(
             spec["vxlan_link"] = await _index(ipr, dev, netns)
         if mtu:
             spec["mtu"] = mtu
+        if mac:
+            spec["address"] = mac
         try:
             await ipr.link("add", ifname=ifname, **spec)
         except _PyNetlinkError as exc:

@@ -109,6 +109,11 @@ def render_inspect(r: dict[str, Any]) -> None:
     if r.get("runc"):
         print("runc:")
         print_tree(r["runc"], 2)
+    for e in r.get("exposes") or []:
+        if e.get("error"):
+            print(f"expose    on {e['node']}: unknown ({e['error']})")
+        else:
+            print(f"expose    {e['node']}:{e['hostport']}/{e['proto']} -> port {e['port']}")
     for t in (r.get("teleports") or [])[-5:]:
         res = "ok" if t.get("ok") else "rolled back" if t.get("rolled_back") else "failed"
         print(f"teleport  {t.get('source')} -> {t.get('target')} {t.get('mode')} {res}, "

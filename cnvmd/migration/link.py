@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from cnvmd.peers.streams import abort_tcp
+from cnvmd.peers.streams import abort_tcp, splice
 from proto.messages import ErrorCode, ProtoError
 
 STREAM_KIND = "teleport.data"
@@ -92,59 +92,6 @@ def member_names(svc: Any) -> set[str]:
 # --------------------------------------------------------------------------- page relay
 
 CHUNK = 1 << 20
-
-
-async def splice(stream: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 clean_eof: Callable[[], bool] = lambda: True) -> tuple[int, int]:
-    """Copy TCP <-> stream both ways. When the stream ends and `clean_eof()` is False,
-    the TCP side is reset instead of half-closed.
-
-    Why: CRIU 4.2.1's lazy page server treats a clean EOF from the lazy-pages client
-    as "all pages served" and kills the (frozen) source cnvm; a RST makes it fail
-    and let go of the cnvm, which the engine then resumes. So until the target has
-    reported a successful restore, the source side never passes on a clean EOF.
-    """
-    counts = [0, 0]
-
-    async def up() -> None:  # tcp -> stream
-        try:
-            while data := await reader.read(CHUNK):
-                counts[0] += len(data)
-                await stream.write(data)
-            stream.write_eof()
-        except (OSError, ConnectionError):
-            stream.close()
-
-    async def down() -> None:  # stream -> tcp
-        while True:
-            try:
-                data = await stream.read(CHUNK)
-            except Exception:
-                data = b""
-            if not data:
-                break
-            counts[1] += len(data)
-            writer.write(data)
-            await writer.drain()
-        if clean_eof():
-            if writer.can_write_eof() and not writer.is_closing():
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
-        else:
-            abort_tcp(writer)
-
-    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-    try:
-        await asyncio.gather(*tasks)
-    except (OSError, ConnectionError):
-        abort_tcp(writer)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        stream.close()
-        writer.close()
-    return counts[0], counts[1]
 
 
 class StreamRelay:

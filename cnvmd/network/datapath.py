@@ -34,10 +34,12 @@ from .names import (
     NetworkError,
     bridge_mac,
     host_veth,
+    host_veth_mac,
     invalid,
     mac_for_ip,
     netns_name,
     overlay_mtu,
+    vxlan_mac,
 )
 
 log = logging.getLogger("cnvmd.network")
@@ -192,7 +194,8 @@ class NodeNetwork:
                 raise NetworkError(f"{BRIDGE} exists but is a {br.kind}, not a bridge",
                                    ErrorCode.CONFLICT)
             if br is None:
-                await netlink.bridge_add(BRIDGE, netns=ns, mtu=mtu, exist_ok=True)
+                await netlink.bridge_add(BRIDGE, netns=ns, mtu=mtu, mac=bridge_mac(self.node),
+                                         exist_ok=True)
             await netlink.link_set(BRIDGE, netns=ns, mtu=mtu, mac=bridge_mac(self.node))
             params = await self._vxlan_params()
             if params is not None and params != (self.vni, self.port):
@@ -203,8 +206,9 @@ class NodeNetwork:
             if params is None:
                 await netlink.vxlan_add(VXLAN, self.vni, netns=ns, local=self.local,
                                         dev=self.underlay_dev, dstport=self.port,
-                                        learning=True, mtu=mtu)
-            await netlink.link_set(VXLAN, netns=ns, mtu=mtu, master=BRIDGE, up=True)
+                                        learning=True, mtu=mtu, mac=vxlan_mac(self.node))
+            await netlink.link_set(VXLAN, netns=ns, mtu=mtu, mac=vxlan_mac(self.node),
+                                    master=BRIDGE, up=True)
             await netlink.link_up(BRIDGE, ns)
             if self.expose_cidr:
                 await netlink.addr_add(BRIDGE, self.expose_cidr, netns=ns)
@@ -358,7 +362,8 @@ class CnvmNet:
                 await netlink.prelock(link.netns)
             await netlink.link_del(link.host_veth, node_ns)  # a leftover of a crash
             await netlink.veth_add(link.host_veth, CNVM_IF, netns=node_ns,
-                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac)
+                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac,
+                                   mac=host_veth_mac(self.node.node, link.name))
             await netlink.link_set(link.host_veth, netns=node_ns, master=BRIDGE)
             await netlink.addr_add(CNVM_IF, f"{ip}/{self.prefixlen}", netns=link.netns)
             if up:
@@ -422,7 +427,8 @@ class CnvmNet:
             if inner is not None:
                 await netlink.link_del(CNVM_IF, link.netns)
             await netlink.veth_add(link.host_veth, CNVM_IF, netns=node_ns,
-                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac)
+                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac,
+                                   mac=host_veth_mac(self.node.node, link.name))
             await netlink.link_set(link.host_veth, netns=node_ns, master=BRIDGE)
             await netlink.addr_add(CNVM_IF, f"{ip}/{self.prefixlen}", netns=link.netns)
             if up:

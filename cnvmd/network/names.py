@@ -61,6 +61,25 @@ def bridge_mac(node: str) -> str:
     return "0e:" + ":".join(f"{b:02x}" for b in h)
 
 
+def vxlan_mac(node: str) -> str:
+    """A fixed MAC for a node's VXLAN device (0a: prefix), set when it is created.
+
+    Like every MAC the daemon creates, it is given at creation time: a device born
+    with a random MAC is fair game for udev's MACAddressPolicy=persistent, which
+    derives it from /etc/machine-id and the interface name, so hosts cloned from one
+    image would get identical MACs (and drop each other's frames as their own).
+    """
+    h = hashlib.sha256(b"vxlan:" + node.encode()).digest()[:5]
+    return "0a:" + ":".join(f"{b:02x}" for b in h)
+
+
+def host_veth_mac(node: str, name: str) -> str:
+    """The host end of a cnvm's veth (06: prefix): per node and cnvm, so the same
+    cnvm's old and new host ends differ across a teleport (see `vxlan_mac`)."""
+    h = hashlib.sha256(f"veth:{node}:{name}".encode()).digest()[:5]
+    return "06:" + ":".join(f"{b:02x}" for b in h)
+
+
 def host_veth(name: str) -> str:
     """Host end of a cnvm's veth: `vc` + 12 hex digits of the name's hash (IFNAMSIZ-safe)."""
     return HOST_VETH_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:12]

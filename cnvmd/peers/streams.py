@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +149,18 @@ async def pump_to_stream(src: asyncio.StreamReader, dst: PeerStream) -> int:
     return n
 
 
-async def pump_from_stream(src: PeerStream, dst: asyncio.StreamWriter) -> int:
-    """Channel → TCP until EOF; returns bytes; half-closes the socket."""
+async def pump_from_stream(src: PeerStream, dst: asyncio.StreamWriter,
+                           clean_eof: Callable[[], bool] | None = None) -> int:
+    """Channel → TCP until EOF; returns bytes; half-closes the socket, or resets it
+    when `clean_eof` says the EOF must not look clean (see `splice`)."""
     n = 0
     while data := await src.read(CHUNK):
         n += len(data)
         dst.write(data)
         await dst.drain()
-    if dst.can_write_eof() and not dst.is_closing():
+    if clean_eof is not None and not clean_eof():
+        abort_tcp(dst)
+    elif dst.can_write_eof() and not dst.is_closing():
         with contextlib.suppress(OSError):
             dst.write_eof()
     return n
@@ -171,13 +176,20 @@ def abort_tcp(writer: asyncio.StreamWriter) -> None:
 
 
 async def splice(stream: PeerStream, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> tuple[int, int]:
+                 writer: asyncio.StreamWriter, *,
+                 clean_eof: Callable[[], bool] | None = None) -> tuple[int, int]:
     """Copy both ways until both directions hit EOF; returns (up, down) byte counts.
 
     Failure on either side (peer aborted, connection lost, local reset, cancel) is
-    passed on as a failure on the other: RST on the TCP side, abort on the stream."""
+    passed on as a failure on the other: RST on the TCP side, abort on the stream.
+
+    `clean_eof`: asked when the stream ends; False resets the TCP side instead of
+    half-closing it. Teleport needs this: CRIU 4.2.1's lazy page server takes a clean
+    EOF from the lazy-pages client as "all pages served" and kills the frozen source
+    cnvm, while a RST makes it fail and let go, so the engine can still resume it.
+    Until the target has reported a successful restore, no clean EOF is passed on."""
     up = asyncio.ensure_future(pump_to_stream(reader, stream))
-    down = asyncio.ensure_future(pump_from_stream(stream, writer))
+    down = asyncio.ensure_future(pump_from_stream(stream, writer, clean_eof))
     ok = False
     try:
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)

@@ -26,7 +26,7 @@ from cnvmd import netlink, proc
 from cnvmd.config import Config
 from cnvmd.lab import Lab
 from cnvmd.network import Network, NetworkError, NodeNetwork, mac_for_ip
-from cnvmd.network.names import BRIDGE, VXLAN
+from cnvmd.network.names import BRIDGE, VXLAN, bridge_mac, host_veth, host_veth_mac, vxlan_mac
 from cnvmd.state import StateStore
 from proto.messages import ErrorCode
 
@@ -197,6 +197,12 @@ async def test_overlay_three_nodes_client_expose_and_move(lab_factory, tmp_path:
         assert nets["node1"].netns_path("web") == web.netns_path
         eth0 = await netlink.link_get("eth0", web.netns)
         assert eth0 and eth0.mac == mac_for_ip(ip_web) and eth0.mtu == 1450
+        # every device the daemon made carries the MAC it was created with (see vxlan_mac)
+        node_ns = nets["node1"].node.netns
+        for dev, mac in (("cnvm0", bridge_mac("node1")), ("cnvm0-vx", vxlan_mac("node1")),
+                         (host_veth("web"), host_veth_mac("node1", "web"))):
+            got = await netlink.link_get(dev, node_ns)
+            assert got and got.mac == mac, (dev, got, mac)
         assert f"{ip_web}/24" in await netlink.addrs(web.netns, "eth0")
         servers += [await serve(web.netns, "web"), await serve(db.netns, "db")]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cnvmd import labpaths, netlink
+from cnvmd import labpaths, netlink, proc
 from proto.messages import ProtoError
 from tests.teleportlab import TeleLab
 
@@ -83,10 +83,31 @@ async def assert_on(tl: TeleLab, node: str, c: Any) -> None:
             assert await tl.leftovers(other, NAME) == [], other
 
 
+async def assert_exposed(tl: TeleLab, node: str) -> None:
+    """node3's published port 8080 still reaches the cnvm (a new connection gets its
+    own counter: "1"), and `inspect` on the node running it lists the port."""
+    info = await tl.call(node, "inspect", {"name": NAME})
+    assert [(e["node"], e["hostport"], e["port"]) for e in info["exposes"]] == \
+        [("node3", 8080, 7000)], info["exposes"]
+    got = ""
+    for _ in range(20):
+        res = await proc.run(["sh", "-c", f"echo x | busybox nc -w 3 "
+                              f"{tl.lab.underlay_ip('node3')} 8080"],
+                             netns=tl.lab.netns("client"), timeout=15, check=False)
+        got = res.stdout.strip()
+        if got.split()[:1] == ["1"]:  # the service answers "N <what was sent>"
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"node3:8080 answered {got!r}, want '1 x'")
+
+
 @pytest.mark.parametrize("mode", ["postcopy", "stop-copy"])
 async def test_round_trip_keeps_connection_state_files_ip(tlab: TeleLab, mode: str):
     c = await deployed(tlab)
     port = c.port
+    if mode == "postcopy":  # a published port follows the cnvm (issue 5 §5)
+        await tlab.call("node3", "expose", {"name": NAME, "spec": "8080:7000"})
+        await assert_exposed(tlab, "node1")
     hops = [("node1", "node2"), ("node2", "node3"), ("node3", "node1")]
     for src, dst in hops:
         t = time.monotonic()
@@ -94,6 +115,8 @@ async def test_round_trip_keeps_connection_state_files_ip(tlab: TeleLab, mode: s
         assert rep["ok"] and rep["mode"] == mode and rep["target"] == dst
         assert rep["frozen_seconds"] > 0 and rep["wire_bytes"] > 0
         await assert_on(tlab, dst, c)
+        if mode == "postcopy":
+            await assert_exposed(tlab, dst)
         print(f"\n{mode} {src}->{dst}: frozen {rep['frozen_seconds'] * 1000:.0f} ms, "
               f"total {rep['total_seconds']:.2f} s, wire {rep['wire_bytes']} B, "
               f"client stall {c.max_stall(t) * 1000:.0f} ms")

@@ -11,11 +11,13 @@ from cnvmd.network.names import (
     PortSpec,
     bridge_mac,
     host_veth,
+    host_veth_mac,
     mac_for_ip,
     netns_name,
     overlay_mtu,
     parse_key,
     parse_port_spec,
+    vxlan_mac,
 )
 from proto.messages import ErrorCode
 
@@ -37,6 +39,20 @@ def test_bridge_mac_never_collides_with_a_cnvm_mac():
     assert m == bridge_mac("node1") and m != bridge_mac("node2")
     first = int(m.split(":")[0], 16)
     assert first & 0x02 and not first & 0x01 and not m.startswith("02:00:")
+
+
+def test_device_macs_are_fixed_distinct_and_per_node():
+    """Every MAC the daemon creates is given at creation (udev leaves it alone) and
+    differs between nodes, also on hosts cloned from one image (same machine-id)."""
+    macs = [bridge_mac("n1"), bridge_mac("n2"), vxlan_mac("n1"), vxlan_mac("n2"),
+            host_veth_mac("n1", "web"), host_veth_mac("n2", "web"),
+            host_veth_mac("n1", "db"), mac_for_ip("10.0.0.1")]
+    assert len(set(macs)) == len(macs)
+    assert vxlan_mac("n1") == vxlan_mac("n1") and host_veth_mac("n1", "a") == host_veth_mac(
+        "n1", "a")
+    for m in macs:
+        first = int(m.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01 and len(m.split(":")) == 6
 
 
 def test_host_veth_names_fit_ifnamsiz_and_are_per_name():

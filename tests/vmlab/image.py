@@ -34,7 +34,7 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 SUITE = "trixie"
 IMAGE_SIZE = "4G"
 # Bump when the build steps change in a way the recipe dict does not capture.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 PACKAGES = [
     "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "kmod",
@@ -210,6 +210,10 @@ def _configure(root: Path, pubkey: str, wheels: list[Path], logf) -> None:
     """Turn the debootstrap tree into a bootable, ssh-reachable lab guest."""
     (root / "etc/fstab").write_text(FSTAB)
     (root / "etc/hostname").write_text("lv\n")
+    # No machine-id in the image: every guest makes its own at first boot (a shared one
+    # gives every guest the same udev-derived MACs and DHCP/journal identities).
+    (root / "etc/machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     sbin = root / "usr/local/sbin/lv-net"
     sbin.write_text(GUEST_NET)
     sbin.chmod(0o755)
@@ -325,21 +329,25 @@ def build(cache: Path = CACHE, force: bool = False, keep: int = 2) -> Image:
                   f"--cache-dir={debs}", f"--include={','.join(PACKAGES)}",
                   SUITE, str(root), mirror], logf)
             # apt inside the chroot, in a private mount namespace (proc and the .deb
-            # cache are mounted there only, and vanish with it).
-            (root / "etc/apt/sources.list.d/lv-criu.list").write_text(
-                f"deb {mirror} {CRIU_SUITE} main\n")
+            # cache are mounted there only, and vanish with it). The project's deps are
+            # installed from SUITE alone; only then is the newer suite added, and only to
+            # download CRIU's packages (else apt takes that suite's python3 as the best
+            # candidate and the guest's Python drifts off SUITE).
             crit = " ".join(f"{p}/{CRIU_SUITE}" for p in CRIU_DEBS)
+            newer = f"deb {mirror} {CRIU_SUITE} main"
             _run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                  'r=$1; d=$2; shift 2; mount -t proc proc "$r/proc"; '
+                  'r=$1; d=$2; newer=$3; shift 3; mount -t proc proc "$r/proc"; '
                   'mount --bind "$d" "$r/var/cache/apt/archives"; '
                   'A="-q -o APT::Sandbox::User=root"; '
-                  # A testing suite's Release expires; mirrors here may be snapshots.
-                  'chroot "$r" apt-get $A -o Acquire::Check-Valid-Until=false update; '
+                  'chroot "$r" apt-get $A update; '
                   'DEBIAN_FRONTEND=noninteractive chroot "$r" apt-get install -y $A '
                   '--no-install-recommends "$@"; '
+                  'echo "$newer" > "$r/etc/apt/sources.list.d/lv-criu.list"; '
+                  # A testing suite's Release expires; mirrors here may be snapshots.
+                  'chroot "$r" apt-get $A -o Acquire::Check-Valid-Until=false update; '
                   'mkdir -p "$r/tmp/lv-criu"; '
                   f'chroot "$r" sh -c "cd /tmp/lv-criu && apt-get $A download {crit}"',
-                  "sh", str(root), str(debs), *APT_EXTRA], logf)
+                  "sh", str(root), str(debs), newer, *APT_EXTRA], logf)
             # Only the CRIU bundle comes from the newer suite; nothing may drift later.
             (root / "etc/apt/sources.list.d/lv-criu.list").unlink()
             for f in (root / "var/lib/apt/lists").glob(f"*_{CRIU_SUITE}_*"):

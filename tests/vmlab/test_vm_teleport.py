@@ -204,7 +204,11 @@ def served(cluster: VMLab) -> Iterator[tuple[VMLab, Client, str]]:
     client_ip = _json(lab.cnvmctl(1, "--json net host"))["expose_ip"]
     c = Client(lab, 1, ip)
     try:
-        c.wait_more(20, timeout=120)
+        try:
+            c.wait_more(20, timeout=120)
+        except AssertionError:
+            _dump_overlay(lab)
+            raise
         # the dirtier holds its memory by now
         rss = lab.cnvmctl(0, f"exec {NAME} -- sh -c "
                              "'grep -h VmRSS /proc/[0-9]*/status'").stdout
@@ -212,6 +216,17 @@ def served(cluster: VMLab) -> Iterator[tuple[VMLab, Client, str]]:
         yield lab, c, ip
     finally:
         c.close()
+
+
+def _dump_overlay(lab: VMLab) -> None:
+    """What each guest's overlay looks like (printed when the client cannot connect)."""
+    cmd = ("ip -br link; ip -br addr; bridge fdb show; ip neigh; "
+           "for n in $(ip netns list | cut -d' ' -f1); do echo \"== netns $n\"; "
+           "ip -n $n -br addr; ip -n $n neigh; done; "
+           "journalctl -u lv-cnvmd --no-pager | tail -40")
+    for i, g in enumerate(lab.guests):
+        r = lab.ssh(i, cmd, check=False)
+        print(f"--- {g.name} overlay\n{r.stdout}{r.stderr}")
 
 
 def _teleport(lab: VMLab, c: Client, ip: str, src: int, dst: int, mode: str) -> dict:
