@@ -45,6 +45,8 @@ class Config:
     netns_prefix: str = "cnvm-"
     """Per-cnvm netns are /run/netns/<prefix><name>; a lab node sets `<lab>-<node>-`."""
     log_level: str = "info"
+    fault_injection: bool = False
+    """Accept the teleport op's test hooks (`hold`, `fail_restore`); test labs only."""
 
     @property
     def images_dir(self) -> Path:

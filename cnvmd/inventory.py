@@ -96,7 +96,10 @@ def summarize(daemon: Daemon, name: str, rec: dict[str, Any] | None,
         state = "missing" if rec.get("desired") == "running" else "stopped"
     a = daemon.adopted.get(cid)
     created = c.get("created") if c else None
-    t0 = _parse_time(created)
+    # Uptime counts from the last (re)start, which the record keeps and a teleport
+    # carries along; runc's "created" is the restore on this node after a teleport.
+    started = rec.get("started_at")
+    t0 = float(started) if isinstance(started, (int, float)) else _parse_time(created)
     return {
         "name": name,
         "state": state,

@@ -25,7 +25,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from cnvmd.api import Args, Context, Router
 from cnvmd.images import ImageStore
 from cnvmd.runtime import LogPipe, Runc, RuncError, start_log_shim
 from cnvmd.state import StateStore
-from proto.messages import ErrorCode, ProtoError
+from proto.messages import EVT_PROGRESS, ErrorCode, ProtoError
 
 KIND = "cnvms"
 EVT_OUTPUT = "output"
@@ -163,8 +163,13 @@ class Lifecycle:
 
     async def deploy(self, name: str, image: str, *, hostname: str | None = None,
                      ip: str | None = None, memory: Any = None, cpus: Any = None,
-                     env: Any = None, cmd: list[str] | None = None) -> dict[str, Any]:
-        """Create and start a cnvm; on any failure undo everything it made."""
+                     env: Any = None, cmd: list[str] | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Create and start a cnvm; on any failure undo everything it made.
+
+        `progress(phase)` is told when each step starts (network, rootfs, start), so a
+        client sees where a slow deploy is."""
+        step = progress or (lambda _phase: None)
         bundle.check_name(name)
         hostname = bundle.check_hostname(hostname or name)
         mem = bundle.parse_memory(memory) if memory not in (None, "") else None
@@ -187,15 +192,18 @@ class Lifecycle:
             }
             await self._save(name, rec)
             try:
+                step("network")
                 net = await _net_call(self.network.attach(name, ip=ip, record=rec))
                 rec.update({k: v for k, v in net.items() if v is not None})
                 rec["netns"] = net["netns"]
                 await self._save(name, rec)
+                step("rootfs")
                 await bundle.prepare(
                     self.cnvms_dir, name, img.layer_dirs, img.config, node=self.node,
                     hostname=hostname, cmd=cmd or None, env=envd, memory=mem, cpus=ncpu,
                     netns_path=rec["netns"], ip=rec.get("ip"),
                     annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+                step("start")
                 await self._run(name)
                 rec["desired"] = "running"
                 rec["started_at"] = time.time()
@@ -481,8 +489,13 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
     env = args.list("env", [])
     cmd = args.list("cmd", [])
     args.reject_unknown()
+    t0 = time.monotonic()
+
+    def progress(phase: str) -> None:
+        ctx.emit(EVT_PROGRESS, {"phase": phase, "elapsed": round(time.monotonic() - t0, 3)})
+
     return await _svc(ctx).deploy(name, image, hostname=hostname, ip=ip, memory=memory,
-                                  cpus=cpus, env=env, cmd=cmd)
+                                  cpus=cpus, env=env, cmd=cmd, progress=progress)
 
 
 @router.op("stop")

@@ -115,9 +115,11 @@ def _cnvm(r: dict[str, Any]) -> None:
                    help="command to run instead of the image's")])
 async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
     cmd = list(a.cmd)
-    res = await ctx.call("deploy", {"name": a.name, "image": a.image, "hostname": a.hostname,
-                                    "ip": a.ip, "memory": a.memory, "cpus": a.cpus,
-                                    "env": a.env, "cmd": cmd})
+    with ctx.progress(f"deploy {a.name}") as p:
+        res = await ctx.call("deploy", {"name": a.name, "image": a.image,
+                                        "hostname": a.hostname, "ip": a.ip,
+                                        "memory": a.memory, "cpus": a.cpus, "env": a.env,
+                                        "cmd": cmd}, on_event=p.on_event)
     ctx.output(res, _cnvm)
 
 

@@ -166,6 +166,10 @@ async def teleport(ctx: Context, args: Args) -> dict[str, Any]:
         baseline=args.bool("baseline", False),
     )
     args.reject_unknown()
+    if (opts.hold or opts.fail_restore) and not ctx.daemon.config.fault_injection:
+        raise ProtoError(ErrorCode.PERMISSION_DENIED,
+                         "teleport test hooks (hold, fail_restore) are off on this node; "
+                         "they are for test labs (fault_injection = true in cnvmd.toml)")
     src, _ = _sides(ctx.daemon)
     if name in src.by_name:
         t0 = src.by_name[name][0]

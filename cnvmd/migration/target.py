@@ -369,7 +369,8 @@ class TargetSide:
             # source's cgroup exists here (lab nodes sharing one host).
             cfg["linux"]["cgroupsPath"] = src_cg
         await asyncio.to_thread(_write_json, paths.config, cfg)
-        if a.get("fail_restore"):  # fault injection for the tests: a real broken image set
+        if a.get("fail_restore") and self.daemon.config.fault_injection:
+            # fault injection for the tests: a real broken image set
             await asyncio.to_thread(_break_images, s.images)
         net = netmove.plumbing(self.daemon)
         await net.bring_up(s.name, s.net)

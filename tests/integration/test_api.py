@@ -240,6 +240,10 @@ def test_raw_client_from_readme(daemon: Daemon) -> None:
     assert not bad["ok"] and bad["error"]["code"] == "invalid_argument"
     unk = c.call("frobnicate", rid=7)
     assert unk["error"]["code"] == "unknown_op" and "status" in unk["error"]["details"]["ops"]
+    # the teleport test hooks are refused on a node without fault_injection
+    hook = c.call("teleport", {"name": "web", "target": "n2", "hold": {"frozen": 60}})
+    assert hook["error"]["code"] == "permission_denied", hook
+    assert "fault_injection" in hook["error"]["message"]
     c.close()
 
 

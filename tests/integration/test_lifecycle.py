@@ -107,9 +107,12 @@ async def ask(netns_path: str, lines: list[str], timeout: float = 5.0) -> list[s
 
 async def test_deploy_exec_logs_stop_start_rm(life):
     t0 = time.monotonic()
+    phases: list[str] = []
     rec = await life.deploy("web1", "busybox", memory="64M", cpus="0.5", env=["GREETING=hi"],
-                            cmd=["sh", "-c", "echo $GREETING from $(hostname); exec /bin/counter"])
+                            cmd=["sh", "-c", "echo $GREETING from $(hostname); exec /bin/counter"],
+                            progress=phases.append)
     t_deployed = time.monotonic() - t0
+    assert phases == ["network", "rootfs", "start"]
     assert await ask(rec["netns"], ["a", "hostname"]) == ["1 a", "2 web1"]
     t_answer = time.monotonic() - t0
     print(f"\ndeploy {t_deployed * 1000:.0f} ms, deploy→service answering "

@@ -103,6 +103,7 @@ async def assert_exposed(tl: TeleLab, node: str) -> None:
 
 @pytest.mark.parametrize("mode", ["postcopy", "stop-copy"])
 async def test_round_trip_keeps_connection_state_files_ip(tlab: TeleLab, mode: str):
+    t_deploy = time.monotonic()
     c = await deployed(tlab)
     port = c.port
     if mode == "postcopy":  # a published port follows the cnvm (issue 5 §5)
@@ -121,8 +122,10 @@ async def test_round_trip_keeps_connection_state_files_ip(tlab: TeleLab, mode: s
               f"total {rep['total_seconds']:.2f} s, wire {rep['wire_bytes']} B, "
               f"client stall {c.max_stall(t) * 1000:.0f} ms")
     assert c.port == port  # one and the same connection all along
-    # the reports travel with the cnvm and `inspect` shows them
-    reps = (await tlab.call("node1", "inspect", {"name": NAME}))["teleports"]
+    # the reports travel with the cnvm and `inspect` shows them; uptime counts from deploy
+    info = await tlab.call("node1", "inspect", {"name": NAME})
+    assert info["uptime"] >= time.monotonic() - t_deploy - 2, info["uptime"]
+    reps = info["teleports"]
     assert [r["target"] for r in reps] == ["node2", "node3", "node1"]
     if mode == "postcopy":
         # auto picks postcopy on these hosts (no soft-dirty, userfaultfd ready) and says why
