@@ -104,7 +104,8 @@ async def main() -> None:
                              "stall_ms": round(stall * 1000),
                              "frozen_ms": round(rep["frozen_seconds"] * 1000),
                              "total_s": round(rep["total_seconds"], 2),
-                             "wire_mb": round(rep["wire_bytes"] / 1e6, 1)})
+                             "wire_mb": round(rep["wire_bytes"] / 1e6, 1),
+                             "phases": rep.get("phases", {})})
                 where = dst
         c.check_sequence()
     finally:

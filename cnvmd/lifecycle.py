@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -313,6 +314,9 @@ class Lifecycle:
                 raise _err(ErrorCode.CONFLICT, f"cnvm {name!r} is {st.status}: stop it first "
                            "or use --force", name=name)
             await self._teardown(name, rec or {"name": name})
+            # the CRIU/runc logs of its last teleports (cnvmd.migration.report.keep_logs)
+            await asyncio.to_thread(shutil.rmtree,
+                                    self.cnvms_dir.parent / "teleport-logs" / name, True)
         return {"name": name, "removed": True}
 
     # ---- exec / logs

@@ -43,7 +43,7 @@ from cnvmd import netlink
 from cnvmd.migration import link as links
 from cnvmd.migration import netmove, precopy, tcprepair, treesync
 from cnvmd.migration.policy import Convergence, Decision, Mode, ModeUnavailable, choose_mode
-from cnvmd.migration.report import RoundReport, TeleportReport
+from cnvmd.migration.report import RoundReport, TeleportReport, keep_logs
 from cnvmd.migration.target import (
     KIND_CNVMS,
     KIND_REPORTS,
@@ -239,6 +239,9 @@ class Teleport:
         if self._relay is not None:
             with contextlib.suppress(Exception):
                 await self._relay.close()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(keep_logs, self.dir, self.daemon.config.state_dir,
+                                    self.name, "source")
         await asyncio.to_thread(_umount_under, self.dir)
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
 

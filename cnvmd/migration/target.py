@@ -35,6 +35,7 @@ from typing import Any
 from cnvmd import criu, proc
 from cnvmd.migration import link as links
 from cnvmd.migration import netmove, treesync
+from cnvmd.migration.report import keep_logs
 from cnvmd.runtime import Runc, RuncError, _umount_under, start_log_shim
 from proto.messages import ErrorCode, ProtoError
 
@@ -421,8 +422,11 @@ class TargetSide:
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
-        if st.status == "paused":  # dumped from a frozen cgroup (stop-copy)
-            await self.runc._simple("resume", s.name, ["resume", s.name])
+        if st.status == "paused":  # dumped from a frozen cgroup (the source pauses first)
+            cg = str((cfg.get("linux") or {}).get("cgroupsPath") or "")
+            if not await asyncio.to_thread(_thaw, cg):
+                await self.runc._simple("resume", s.name, ["resume", s.name])
+            timings["thawed"] = time.monotonic() - t0
         s.status = "restored"
         await asyncio.to_thread(self._marker, s)
         with contextlib.suppress(Exception):
@@ -506,8 +510,14 @@ class TargetSide:
         if s.relay is not None:
             await s.relay.close()
 
+    async def _keep_logs(self, s: Session) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(keep_logs, s.dir, self.daemon.config.state_dir, s.name,
+                                    "target")
+
     async def _cleanup(self, s: Session) -> None:
         await self._stop_procs(s)
+        await self._keep_logs(s)
         life = self.daemon.services.get("lifecycle")
         await cleanup_leftovers(self.daemon, s.name, s.dir, bundle_made=s.bundle_made,
                                 record_written=s.record_written, life=life, runc=self.runc)
@@ -515,6 +525,7 @@ class TargetSide:
 
     async def _forget(self, s: Session) -> None:
         await self._stop_procs(s)
+        await self._keep_logs(s)
         await asyncio.to_thread(_umount_under, s.dir)
         await asyncio.to_thread(shutil.rmtree, s.dir, True)
         self.sessions.pop(s.sid, None)
@@ -659,6 +670,23 @@ def _break_images(images: Path) -> None:
     """Corrupt an image only the restore reads (the lazy-pages daemon does not)."""
     for p in images.glob("files.img"):
         p.write_bytes(b"\0" * 16)
+
+
+def _thaw(cgroups_path: str) -> bool:
+    """Thaw a cgroupfs-style cgroup by its freezer file: one write, where `runc resume`
+    costs a process start inside the frozen window. False: not found, use runc."""
+    rel = cgroups_path.strip("/")
+    if not rel or ":" in rel or ".." in rel.split("/"):
+        return False
+    for f, value in ((Path("/sys/fs/cgroup") / rel / "cgroup.freeze", "0"),
+                     (Path("/sys/fs/cgroup/freezer") / rel / "freezer.state", "THAWED")):
+        if f.exists():
+            try:
+                f.write_text(value)
+            except OSError:
+                return False
+            return True
+    return False
 
 
 def _cgroup_exists(path: str) -> bool:

@@ -122,6 +122,10 @@ async def test_round_trip_keeps_connection_state_files_ip(tlab: TeleLab, mode: s
               f"total {rep['total_seconds']:.2f} s, wire {rep['wire_bytes']} B, "
               f"client stall {c.max_stall(t) * 1000:.0f} ms")
     assert c.port == port  # one and the same connection all along
+    # each side keeps the CRIU logs of the cnvm's last teleport (node3 -> node1)
+    for node, role, log in (("node1", "target", "restore.log"), ("node3", "source", "dump.log")):
+        kept = labpaths.node_state_dir("lt", node) / "teleport-logs" / NAME / role
+        assert any(p.name.endswith(log) for p in kept.iterdir()), (node, list(kept.iterdir()))
     # the reports travel with the cnvm and `inspect` shows them; uptime counts from deploy
     info = await tlab.call("node1", "inspect", {"name": NAME})
     assert info["uptime"] >= time.monotonic() - t_deploy - 2, info["uptime"]
