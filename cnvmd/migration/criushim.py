@@ -7,6 +7,14 @@ such reads from /proc/PID/limits. Built once per daemon start into the state dir
 when a C compiler is present and the capability is missing; the engine then runs
 CRIU through a tiny wrapper that preloads it. Without a compiler, teleports of
 cnvms with processes of several users fail cleanly (and roll back).
+
+A second wrapper gives the lazy-pages daemon CRIU's kernel-feature cache where /run
+is not a tmpfs (as here): CRIU keeps what it probes of the kernel in /run/criu.kdat
+only on a tmpfs, else it probes again at every start (~30 ms, measured), and a
+postcopy target starts that daemon inside the frozen window. The wrapper runs it in
+a private mount namespace whose /run is a directory on /dev/shm (a tmpfs that
+outlives the call, so the cache persists); nothing is mounted on the host. Not for
+CRIU under runc: its restore then fails to mount its cgroup yard (EINVAL, seen).
 """
 
 from __future__ import annotations
@@ -35,17 +43,79 @@ def has_sys_resource() -> bool:
     return True
 
 
-async def criu_for_teleport(criu: str, state_dir: Path) -> str:
-    """The CRIU command the engine should use: `criu` itself, or the shim wrapper."""
-    if has_sys_resource():
-        return criu
+KDAT_DIR = Path("/dev/shm/cnvm-criu-run")
+
+
+def _fstype(path: str) -> str | None:
+    """The filesystem type of the mount holding `path` (longest mountinfo prefix)."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for ln in f:
+                left, _, right = ln.partition(" - ")
+                mp = left.split()[4]
+                if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                    best, kind = mp, right.split()[0]
+    except OSError:
+        return None
+    return kind
+
+
+def wrapper_text(criu: str, preload: Path | None, kdat_dir: Path | None) -> str:
+    """The wrapper script: optional LD_PRELOAD of the prlimit shim, optional private
+    /run on a tmpfs directory (kdat cache)."""
+    lines = ["#!/bin/sh", "# CRIU for cnvmd teleports (see cnvmd/migration/criushim.py)"]
+    if preload is not None:
+        lines.append(f'LD_PRELOAD="{preload}${{LD_PRELOAD:+:$LD_PRELOAD}}"; export LD_PRELOAD')
+    if kdat_dir is not None:
+        lines += [f'mkdir -p "{kdat_dir}" 2>/dev/null',
+                  "exec unshare --mount --propagation private sh -c "
+                  f"'mount --bind \"{kdat_dir}\" /run && exec \"$0\" \"$@\"' \"{criu}\" \"$@\""]
+    else:
+        lines.append(f'exec "{criu}" "$@"')
+    return "\n".join(lines) + "\n"
+
+
+async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
+    """The CRIU commands the engine should use: (for runc, for the lazy-pages daemon).
+
+    `criu` itself, or wrappers: the prlimit shim where CAP_SYS_RESOURCE is missing;
+    for the lazy-pages daemon also the kdat cache where /run is no tmpfs."""
+    preload = await _build_shim(state_dir) if not has_sys_resource() else None
+    kdat = None
+    if _fstype("/run") != "tmpfs" and _fstype(str(KDAT_DIR.parent)) == "tmpfs" \
+            and shutil.which("unshare"):
+        kdat = KDAT_DIR
+    d = Path(state_dir) / "teleport"
+
+    def write(name: str, text: str) -> str:
+        d.mkdir(parents=True, exist_ok=True)
+        tmpw = d / f".{name}.tmp"
+        tmpw.write_text(text)
+        tmpw.chmod(0o755)
+        os.replace(tmpw, d / name)
+        return str(d / name)
+
+    try:
+        main = criu if preload is None else await asyncio.to_thread(
+            write, "criu", wrapper_text(criu, preload, None))
+        lazy = main if kdat is None else await asyncio.to_thread(
+            write, "criu-lazy", wrapper_text(criu, preload, kdat))
+    except OSError as exc:
+        log.warning("cannot write the CRIU wrappers (%s): using plain CRIU", exc)
+        return criu, criu
+    return main, lazy
+
+
+async def _build_shim(state_dir: Path) -> Path | None:
+    """Compile prlimit_shim.so into the state dir (once per source change)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None or not SRC.exists():
         log.warning("no CAP_SYS_RESOURCE and no C compiler: cnvms with processes of "
                     "several users cannot be teleported from this node")
-        return criu
+        return None
     d = Path(state_dir) / "teleport"
-    so, wrapper = d / "prlimit_shim.so", d / "criu"
+    so = d / "prlimit_shim.so"
     try:
         await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True)
         fresh = so.exists() and so.stat().st_mtime >= SRC.stat().st_mtime
@@ -54,17 +124,7 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> str:
             await proc.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(SRC)],
                            timeout=60)
             await asyncio.to_thread(os.replace, tmp, so)
-        text = (f'#!/bin/sh\n# CRIU with {so.name} (see cnvmd/migration/criushim.py)\n'
-                f'LD_PRELOAD="{so}${{LD_PRELOAD:+:$LD_PRELOAD}}" exec "{criu}" "$@"\n')
-
-        def write() -> None:
-            tmpw = d / ".criu.tmp"
-            tmpw.write_text(text)
-            tmpw.chmod(0o755)
-            os.replace(tmpw, wrapper)
-
-        await asyncio.to_thread(write)
     except (proc.CommandError, OSError) as exc:
         log.warning("cannot build the CRIU prlimit shim (%s): using plain CRIU", exc)
-        return criu
-    return str(wrapper)
+        return None
+    return so

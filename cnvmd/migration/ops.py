@@ -85,8 +85,8 @@ async def start_teleport(daemon: Any) -> None:
     await ensure_pipe_max_size(daemon)
     from cnvmd.migration import criushim
 
-    daemon.services["teleport.criu"] = await criushim.criu_for_teleport(
-        daemon.config.criu, daemon.config.state_dir)
+    daemon.services["teleport.criu"], daemon.services["teleport.criu_lazy"] = \
+        await criushim.criu_for_teleport(daemon.config.criu, daemon.config.state_dir)
     _, tgt = _sides(daemon)
 
     from cnvmd.peers.ops import on_peers

@@ -100,6 +100,7 @@ class TargetSide:
         self.node = cfg.node_name
         self.base = Path(cfg.state_dir) / "teleport" / "in"
         self.criu = daemon.services.get("teleport.criu") or cfg.criu
+        self.criu_lazy = daemon.services.get("teleport.criu_lazy") or self.criu
         self.runc = Runc(cfg.runc_root, cfg.runc, self.criu)
         self.sessions: dict[str, Session] = {}
 
@@ -394,7 +395,7 @@ class TargetSide:
             s.relay = await links.StreamRelay(link, {"sid": s.sid, "what": "pages"}).start()
             lazy_dir = s.dir / "lazy"
             await asyncio.to_thread(_mkdirs, lazy_dir)
-            argv = [self.criu, "lazy-pages", "--page-server", "--address", "127.0.0.1",
+            argv = [self.criu_lazy, "lazy-pages", "--page-server", "--address", "127.0.0.1",
                     "--port", str(s.relay.port), "--images-dir", str(s.images),
                     "--work-dir", str(lazy_dir), "--log-file", "lazy-pages.log", "-v2"]
             s.lazy = await asyncio.create_subprocess_exec(
