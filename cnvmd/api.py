@@ -189,6 +189,19 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be one of {', '.join(choices)}; got {v!r}")
         return v
 
+    def bytes(self, key: str, default: Any = _REQUIRED, *, max_len: int = 8 << 20) -> Any:
+        """A msgpack bin (str is accepted too, as UTF-8: scripts without a bin type)."""
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if isinstance(v, str):
+            v = v.encode()
+        if not isinstance(v, (bytes, bytearray)):
+            raise _bad(key, f"must be bytes, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise _bad(key, f"is longer than {max_len} bytes")
+        return builtins.bytes(v)
+
     def name(self, key: str = "name", default: Any = _REQUIRED) -> Any:
         """A cnvm/host name: a DNS label (lowercase letters, digits, '-', max 63)."""
         have, v = self._get(key, default)

@@ -530,14 +530,16 @@ async def rm(ctx: Context, args: Args) -> dict[str, Any]:
 
 @router.op("exec")
 async def exec_(ctx: Context, args: Args) -> dict[str, Any]:
-    """Run a command in a cnvm; returns exit_code, stdout, stderr."""
+    """Run a command in a cnvm; returns exit_code, stdout, stderr. `stdin` (bytes, up to
+    8 MiB) is fed to it, else its stdin is /dev/null."""
     name = args.str("name", max_len=63)
     argv = args.list("cmd")
     env = args.list("env", [])
     cwd = args.str("cwd", None)
     timeout = args.float("timeout", 300.0, min=0.1, max=86400)
+    stdin = args.bytes("stdin", None)
     args.reject_unknown()
-    return await _svc(ctx).exec(name, argv, env=env, cwd=cwd, timeout=timeout)
+    return await _svc(ctx).exec(name, argv, input=stdin, env=env, cwd=cwd, timeout=timeout)
 
 
 @router.op("logs")

@@ -4,11 +4,12 @@ stop, start, rm, exec, logs. The daemon side is cnvmd/lifecycle.py."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from typing import Any
 
-from cnvmctl.context import Ctx
+from cnvmctl.context import EXIT_USAGE, CliError, Ctx
 from cnvmctl.output import cell, print_kv, print_table, print_tree, size
 from cnvmctl.registry import arg, command, group
 from proto.client import Event
@@ -152,10 +153,19 @@ async def rm(ctx: Ctx, a: argparse.Namespace) -> None:
          args=[arg("name", metavar="NAME"),
                arg("--env", "-e", action="append", default=[], metavar="K=V"),
                arg("--cwd", help="working directory inside"),
+               arg("--interactive", "-i", action="store_true",
+                   help="pass this command's stdin (read to its end, up to 8 MiB) to CMD; "
+                        "without it CMD's stdin is /dev/null"),
                arg("cmd", nargs="*", metavar="CMD", help="after --: the command and its args")])
 async def exec_(ctx: Ctx, a: argparse.Namespace) -> int:
     cmd = list(a.cmd)
-    res = await ctx.call("exec", {"name": a.name, "cmd": cmd, "env": a.env, "cwd": a.cwd})
+    args: dict[str, Any] = {"name": a.name, "cmd": cmd, "env": a.env, "cwd": a.cwd}
+    if a.interactive:
+        data = await asyncio.to_thread(sys.stdin.buffer.read, (8 << 20) + 1)
+        if len(data) > 8 << 20:
+            raise CliError("stdin is larger than 8 MiB", EXIT_USAGE)
+        args["stdin"] = data
+    res = await ctx.call("exec", args)
     if ctx.json:
         ctx.print_json(res)
     else:

@@ -10,14 +10,16 @@ import pytest
 
 from cnvmd import labpaths, netlink
 from cnvmd.lab import Lab
+from tests import imagebuild
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lk"
 
 
-def cnvmctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cnvmctl(*args: str, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cnvmctl", *args], capture_output=True,
-                          text=True, timeout=120, check=check)
+                          text=True, timeout=120, check=check, input=input)
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ async def clean_lab():
         await lab.down()
 
 
-async def test_lab_up_status_exec_down(clean_lab):
+async def test_lab_up_status_exec_down(clean_lab, tmp_path):
     up = cnvmctl("lab", "up", "--name", LAB, "--nodes", "3", "--json")
     hosts = {h["host"]: h for h in json.loads(up.stdout)["hosts"]}
     assert all(hosts[f"node{k}"]["daemon_alive"] for k in (1, 2, 3))
@@ -58,6 +60,18 @@ async def test_lab_up_status_exec_down(clean_lab):
     assert ok.returncode == 0, ok.stderr
     assert cnvmctl("lab", "exec", "--name", LAB, "node1", "--", "false",
                    check=False).returncode == 1
+
+    # a cnvm through the CLI: exec passes stdin (-i) and the exit code through
+    layout = imagebuild.build_busybox_layout(tmp_path / "busybox-oci")
+    on2 = ("--lab", LAB, "--node", "node2")
+    cnvmctl(*on2, "images", "import", str(layout.path), "--name", "busybox")
+    cnvmctl(*on2, "deploy", "c1", "--image", "busybox")
+    r = cnvmctl(*on2, "exec", "-i", "c1", "--", "sh", "-c", "tr a-z A-Z; exit 3",
+                check=False, input="hello\n")
+    assert r.returncode == 3 and r.stdout == "HELLO\n", (r.returncode, r.stdout, r.stderr)
+    r = cnvmctl(*on2, "exec", "c1", "--", "cat", check=False)  # without -i: /dev/null
+    assert r.returncode == 0 and r.stdout == ""
+    cnvmctl(*on2, "rm", "--force", "c1")
 
     again = cnvmctl("lab", "up", "--name", LAB, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr

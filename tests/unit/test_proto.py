@@ -185,6 +185,12 @@ def test_args_helpers() -> None:
     assert a.list("l") == ["x"]
     assert a.map("m") == {}
     assert a.str("missing", None) is None
+    assert Args({"d": b"\x00\xff", "s": "hi"}).bytes("d") == b"\x00\xff"
+    assert Args({"s": "hi"}).bytes("s") == b"hi"
+    with pytest.raises(ProtoError, match="must be bytes"):
+        Args({"d": 5}).bytes("d")
+    with pytest.raises(ProtoError, match="longer than 4 bytes"):
+        Args({"d": b"12345"}).bytes("d", max_len=4)
     with pytest.raises(ProtoError, match="unknown argument"):
         a.reject_unknown()
     for call in (lambda: a.int("b"), lambda: a.int("n", max=2), lambda: a.str("n"),
