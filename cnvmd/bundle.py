@@ -67,9 +67,8 @@ CAPS = [  # Docker's default set
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
 OVERLAY_OPTS = "index=off,redirect_dir=off,metacopy=off"
-# The mount(2) data page is 4 KiB; beyond this many bytes of lowerdir= mount from
-# the layers directory with relative names (containerd's trick).
-_MAX_MOUNT_DATA = 3500
+# The new mount API's limit for one option string (fsconfig: 256 bytes with the NUL).
+_MAX_FSCONFIG_STRING = 255
 
 
 class BundleError(ProtoError):
@@ -209,21 +208,38 @@ def _prepare_dirs(paths: BundlePaths) -> None:
     paths.dir.chmod(0o700)
 
 
-def _overlay_options(paths: BundlePaths, layer_dirs: Sequence[Path]) -> tuple[str, str | None]:
-    """overlayfs mount data, and the cwd to mount from when relative lowerdirs are needed."""
+def _kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+def _overlay_options(paths: BundlePaths, layer_dirs: Sequence[Path], *,
+                     kernel: str | None = None) -> tuple[str, str | None]:
+    """overlayfs mount data, and the cwd to mount from when relative lowerdirs are needed.
+
+    Why three shapes: mount(8) of util-linux >= 2.39 (Debian 13) uses the new mount API,
+    which hands each option to the kernel as one string of at most 255 bytes, so a
+    plain ``lowerdir=a:b:c`` of three absolute layer paths already fails (EINVAL,
+    seen on Debian 13's 6.12 kernel). Kernels >= 6.8 take ``lowerdir+=`` once per
+    layer instead, with either mount API. Older kernels get relative layer names
+    from the layers directory (containerd's trick) once the list grows long.
+    """
     for d in layer_dirs:
         if not Path(d).is_dir():
             raise BundleError(ErrorCode.FAILED,
                               f"image layer {d} is missing; re-import the image")
     lowers = [str(Path(d).resolve()) for d in reversed(layer_dirs)]  # overlay: top first
     cwd = None
+    tail = f"upperdir={paths.upper.resolve()},workdir={paths.work.resolve()},{OVERLAY_OPTS}"
+    if len("lowerdir=" + ":".join(lowers)) <= _MAX_FSCONFIG_STRING:
+        return f"lowerdir={':'.join(lowers)},{tail}", None
+    if _kernel_at_least(6, 8, kernel) and not any("," in p for p in lowers):
+        return ",".join(f"lowerdir+={p}" for p in lowers) + f",{tail}", None
     parents = {os.path.dirname(p) for p in lowers}
-    if sum(len(p) + 1 for p in lowers) > _MAX_MOUNT_DATA and len(parents) == 1:
+    if len(parents) == 1:
         cwd = parents.pop()
         lowers = [os.path.basename(p) for p in lowers]
-    opts = (f"lowerdir={':'.join(lowers)},upperdir={paths.upper.resolve()},"
-            f"workdir={paths.work.resolve()},{OVERLAY_OPTS}")
-    return opts, cwd
+    return f"lowerdir={':'.join(lowers)},{tail}", cwd
 
 
 async def mount_rootfs(paths: BundlePaths, layer_dirs: Sequence[Path]) -> None:

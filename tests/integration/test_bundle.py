@@ -198,3 +198,34 @@ async def test_bad_command_fails_prepare_cleanly(env):
     paths = bundle.bundle_paths(env["cnvms"], "bad")
     env["made"].append(("lc-bad", paths))
     assert not bundle.is_mounted(paths.rootfs)
+
+
+@pytest.mark.parametrize("kernel", [None, "6.1.0"])
+async def test_many_layers_mount_in_order(tmp_path, kernel, monkeypatch):
+    """Twelve layers (like a typical Docker image): too long for one 255-byte option of
+    the new mount API (mount(8) on Debian 13). Real mounts, both long-list shapes:
+    ``lowerdir+=`` per layer (kernel >= 6.8) and relative names from the layers dir."""
+    if kernel is not None:
+        if not bundle._kernel_at_least(6, 8):
+            pytest.skip("this kernel is older than 6.8: the default shape is the fallback")
+        real = bundle._overlay_options
+        monkeypatch.setattr(bundle, "_overlay_options",
+                            lambda p, dirs: real(p, dirs, kernel=kernel))
+    layers = tmp_path / "layers"
+    dirs = []
+    for i in range(12):
+        d = layers / (f"{i:02d}" + "a" * 62)  # sha256-long names, bottom first
+        (d / "etc").mkdir(parents=True)
+        (d / "etc" / "who").write_text(f"layer {i}\n")
+        (d / f"only{i}").write_text("x")
+        dirs.append(d)
+    paths = bundle.bundle_paths(tmp_path / "cnvms", "many")
+    opts, cwd = bundle._overlay_options(paths, dirs)
+    assert ("lowerdir+=" in opts) == (kernel is None) and (cwd is not None) == (kernel is not None)
+    await bundle.mount_rootfs(paths, dirs)
+    try:
+        assert (paths.rootfs / "etc" / "who").read_text() == "layer 11\n"  # the top wins
+        assert all((paths.rootfs / f"only{i}").exists() for i in range(12))
+    finally:
+        await bundle.unmount_rootfs(paths)
+    assert mounts_under(tmp_path) == []

@@ -90,3 +90,24 @@ def test_log_reading(tmp_path):
     assert lifecycle._read_from(log, pos) == ("d\n", 8)
     log.write_text("new\n")  # replaced (e.g. arrived by teleport): start over
     assert lifecycle._read_from(log, 8) == ("new\n", 4)
+
+
+def test_overlay_options_fit_the_new_mount_api(tmp_path):
+    """One option string of the new mount API holds 255 bytes: short lists stay
+    classic, long ones use lowerdir+= (kernel >= 6.8) or relative names."""
+    from cnvmd import bundle
+
+    dirs = []
+    for i in range(5):
+        d = tmp_path / "layers" / (f"{i}" + "b" * 63)
+        d.mkdir(parents=True)
+        dirs.append(d)
+    paths = bundle.bundle_paths(tmp_path / "cnvms", "x")
+    opts, cwd = bundle._overlay_options(paths, dirs[:1], kernel="6.12.0")
+    assert opts.startswith(f"lowerdir={dirs[0]},upperdir=") and cwd is None
+    opts, cwd = bundle._overlay_options(paths, dirs, kernel="6.12.0")
+    assert cwd is None and opts.count("lowerdir+=") == 5
+    assert opts.index(str(dirs[4])) < opts.index(str(dirs[0]))  # top layer first
+    assert all(len(o) <= 255 for o in opts.split(","))
+    opts, cwd = bundle._overlay_options(paths, dirs, kernel="5.10.0")
+    assert cwd == str(tmp_path / "layers") and opts.startswith(f"lowerdir={dirs[4].name}:")

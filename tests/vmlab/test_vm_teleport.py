@@ -66,20 +66,22 @@ SERVICE = (f"/bin/lwdirty {DIRTY_MIB} {DIRTY_KIB_PER_S} </dev/null >/dev/null 2>
 
 
 def build_image(dest: Path) -> Path:
-    """The busybox test image with /bin/lwdirty (gcc -static) added to its layer 2."""
+    """The busybox test image plus a third layer holding /bin/lwdirty (gcc -static).
+
+    Three layers on purpose: their absolute lowerdir list is longer than one option
+    string of the new mount API that Debian 13's mount(8) uses (cnvmd.bundle)."""
     src = dest.parent / "lwdirty.c"
     src.write_text(DIRTY_C)
     binary = dest.parent / "lwdirty"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(src)], check=True)
     raw = imagebuild.busybox_layers()
-    # Appended to layer 2 (a third layer made the guest's overlay mount fail: EINVAL).
-    buf = io.BytesIO(raw[1])
-    with tarfile.open(fileobj=buf, mode="a") as tar:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         data = binary.read_bytes()
         info = tarfile.TarInfo("bin/lwdirty")
         info.size, info.mode, info.mtime = len(data), 0o755, imagebuild.MTIME
         tar.addfile(info, io.BytesIO(data))
-    raw[1] = buf.getvalue()
+    raw.append(buf.getvalue())
     diff_ids = [imagebuild._digest(x) for x in raw]
     dest.mkdir(parents=True)
     descs = [{"mediaType": imagebuild.MT_LAYER, "digest": imagebuild._put(dest, x),
