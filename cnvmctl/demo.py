@@ -74,6 +74,7 @@ class Demo:
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.reports: list[dict[str, Any]] = []
         self.session: Session | None = None
+        self.host_key = ""
         self._pump: asyncio.Task[None] | None = None
 
     # ---- helpers
@@ -158,6 +159,9 @@ class Demo:
         await self.cnvmctl("node1", "deploy", CNVM, "--image", IMAGE, "--ip", CNVM_IP,
                            "--hostname", CNVM, show=True)
         await self.wait_tcp("client", CNVM_IP, 22)
+        # made by this cnvm at its first start (not baked into the image); it travels along
+        self.host_key = (await self.cnvmctl("node1", "exec", CNVM, "--", "cat",
+                                            "/etc/ssh/ssh_host_ed25519_key.pub")).strip()
         self.step(f"Opening an SSH session from the client host: ssh {USER}@{CNVM_IP}, "
                   "printing a counter every 100 ms")
         self.session = s = await self.open_session()

@@ -24,6 +24,10 @@ async def test_demo_ssh_session_survives_teleports():
         assert values[0] == 1 and len(values) > 30
         where = await d.cnvmctl("node3", "--json", "ls")
         assert '"sneaker01"' in where and '"running"' in where
+        # its ssh host key was made at its first start and came along
+        key = await d.cnvmctl("node3", "exec", "sneaker01", "--", "cat",
+                              "/etc/ssh/ssh_host_ed25519_key.pub")
+        assert key.strip() == d.host_key and key.startswith("ssh-ed25519 ")
     finally:
         await d.close_session()
         await d.lab.down()
