@@ -83,8 +83,9 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
     for the lazy-pages daemon also the kdat cache where /run is no tmpfs."""
     preload = await _build_shim(state_dir) if not has_sys_resource() else None
     kdat = None
-    if _fstype("/run") != "tmpfs" and _fstype(str(KDAT_DIR.parent)) == "tmpfs" \
-            and shutil.which("unshare"):
+    run_fs, shm_fs = await asyncio.to_thread(lambda: (_fstype("/run"),
+                                                      _fstype(str(KDAT_DIR.parent))))
+    if run_fs != "tmpfs" and shm_fs == "tmpfs" and shutil.which("unshare"):
         kdat = KDAT_DIR
     d = Path(state_dir) / "teleport"
 

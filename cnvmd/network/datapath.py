@@ -361,17 +361,22 @@ class CnvmNet:
             if prelocked:
                 await netlink.prelock(link.netns)
             await netlink.link_del(link.host_veth, node_ns)  # a leftover of a crash
-            await netlink.veth_add(link.host_veth, CNVM_IF, netns=node_ns,
-                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac,
-                                   mac=host_veth_mac(self.node.node, link.name))
-            await netlink.link_set(link.host_veth, netns=node_ns, master=BRIDGE)
-            await netlink.addr_add(CNVM_IF, f"{ip}/{self.prefixlen}", netns=link.netns)
-            if up:
-                await self._up(link)
+            await self._plumb(link, up=up)
         except BaseException:
             await asyncio.shield(self._remove(link))
             raise
         return link
+
+    async def _plumb(self, link: CnvmLink, *, up: bool) -> None:
+        """The veth pair (MACs fixed at creation), its bridge port and the cnvm's address."""
+        node_ns = self.node.netns
+        await netlink.veth_add(link.host_veth, CNVM_IF, netns=node_ns,
+                               peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac,
+                               mac=host_veth_mac(self.node.node, link.name))
+        await netlink.link_set(link.host_veth, netns=node_ns, master=BRIDGE)
+        await netlink.addr_add(CNVM_IF, f"{link.ip}/{self.prefixlen}", netns=link.netns)
+        if up:
+            await self._up(link)
 
     async def _up(self, link: CnvmLink) -> None:
         await netlink.link_up(link.host_veth, self.node.netns)
@@ -426,13 +431,7 @@ class CnvmNet:
                 await netlink.link_del(link.host_veth, node_ns)
             if inner is not None:
                 await netlink.link_del(CNVM_IF, link.netns)
-            await netlink.veth_add(link.host_veth, CNVM_IF, netns=node_ns,
-                                   peer_netns=link.netns, mtu=self.node.mtu, peer_mac=link.mac,
-                                   mac=host_veth_mac(self.node.node, link.name))
-            await netlink.link_set(link.host_veth, netns=node_ns, master=BRIDGE)
-            await netlink.addr_add(CNVM_IF, f"{ip}/{self.prefixlen}", netns=link.netns)
-            if up:
-                await self._up(link)
+            await self._plumb(link, up=up)
             return "veth recreated"
         bridge = await netlink.link_get(BRIDGE, node_ns)
         if bridge is not None and outer.master != bridge.index:

@@ -133,3 +133,23 @@ async def test_lazy_relay_resets_instead_of_eof_until_committed():
     assert data == b"pagesmore" and how == "reset"
     data, how = await _relay_once(clean=True)
     assert data == b"pagesmore" and how == "eof"
+
+
+def test_criu_wrappers(tmp_path):
+    """The lazy-pages wrapper runs CRIU with a private /run on a tmpfs dir (kdat cache);
+    the prlimit shim is preloaded when given; a real run reaches the wrapped command."""
+    import subprocess
+
+    from cnvmd.migration import criushim
+
+    plain = criushim.wrapper_text("/opt/x/criu", None, None)
+    assert plain.endswith('exec "/opt/x/criu" "$@"\n') and "unshare" not in plain
+    both = criushim.wrapper_text("/opt/x/criu", tmp_path / "shim.so", tmp_path / "kdat")
+    assert f'LD_PRELOAD="{tmp_path}/shim.so' in both and "--propagation private" in both
+    assert criushim._fstype("/proc") == "proc"
+    # a real run, with `echo` standing in for CRIU: arguments arrive intact
+    w = tmp_path / "w"
+    w.write_text(criushim.wrapper_text("/bin/echo", None, None))
+    w.chmod(0o755)
+    out = subprocess.run([str(w), "lazy-pages", "a b"], capture_output=True, text=True)
+    assert out.stdout == "lazy-pages a b\n"
