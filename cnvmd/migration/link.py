@@ -9,13 +9,11 @@ asyncssh details (windows, channel errors) inside `cnvmd.peers`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from cnvmd.peers.streams import abort_tcp, splice
+from cnvmd.peers.streams import TcpRelay
 from proto.messages import ErrorCode, ProtoError
 
 STREAM_KIND = "teleport.data"
@@ -94,51 +92,14 @@ def member_names(svc: Any) -> set[str]:
 CHUNK = 1 << 20
 
 
-class StreamRelay:
-    """A loopback TCP listener; each connection is spliced into a new stream to a peer.
+async def stream_relay(link: NodeLink, args: dict[str, Any]) -> TcpRelay:
+    """A loopback TCP listener; each connection is spliced into a new teleport stream.
 
     Used on a postcopy target: CRIU's lazy-pages daemon connects here, and the
     source's handler connects the stream to its lazy page server.
     """
-
-    def __init__(self, link: NodeLink, args: dict[str, Any]) -> None:
-        self.link = link
-        self.args = args
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.errors: list[str] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> StreamRelay:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=CHUNK)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            stream = await self.link.open_stream(self.args)
-            up, down = await splice(stream, reader, writer)
-            self.bytes_up += up
-            self.bytes_down += down
-        except Exception as exc:
-            self.errors.append(str(exc))
-            abort_tcp(writer)
-        finally:
-            self._tasks.discard(task)
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    relay = TcpRelay(lambda: link.open_stream(args), f"{link.node} {args}")
+    return await relay.start("127.0.0.1", 0)
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from cnvmd.migration import link as links
 from cnvmd.migration.policy import Mode
 from cnvmd.migration.source import Options, Teleport, TeleportError
 from cnvmd.migration.target import TargetSide, load_reports
+from cnvmd.peers.streams import splice
 from proto.messages import ErrorCode, ProtoError
 
 log = logging.getLogger("cnvmd.teleport")
@@ -143,7 +144,7 @@ async def serve_data(daemon: Any, stream: Any, args: dict[str, Any]) -> None:
         except OSError as exc:
             raise ProtoError(ErrorCode.UNAVAILABLE, f"lazy page server: {exc}") from None
         await stream.write_frame({"ok": True})
-        await links.splice(stream, reader, writer, clean_eof=lambda: t.committed)
+        await splice(stream, reader, writer, clean_eof=lambda: t.committed)
         return
     await tgt.serve_data(stream, args)
 

@@ -36,6 +36,7 @@ from cnvmd import criu, proc
 from cnvmd.migration import link as links
 from cnvmd.migration import netmove, treesync
 from cnvmd.migration.report import keep_logs
+from cnvmd.peers.streams import TcpRelay
 from cnvmd.runtime import Runc, RuncError, _umount_under, start_log_shim
 from proto.messages import ErrorCode, ProtoError
 
@@ -72,7 +73,7 @@ class Session:
     page_server: asyncio.subprocess.Process | None = None
     page_log: Path | None = None
     lazy: asyncio.subprocess.Process | None = None
-    relay: links.StreamRelay | None = None
+    relay: TcpRelay | None = None
     last_seen: float = field(default_factory=time.monotonic)
     busy: int = 0
     watchdog: asyncio.Task[None] | None = None
@@ -392,7 +393,7 @@ class TargetSide:
         work = s.work
         if lazy:
             link = links.PeerLink(self.daemon.services["peers"], s.source)
-            s.relay = await links.StreamRelay(link, {"sid": s.sid, "what": "pages"}).start()
+            s.relay = await links.stream_relay(link, {"sid": s.sid, "what": "pages"})
             lazy_dir = s.dir / "lazy"
             await asyncio.to_thread(_mkdirs, lazy_dir)
             argv = [self.criu_lazy, "lazy-pages", "--page-server", "--address", "127.0.0.1",
@@ -423,11 +424,8 @@ class TargetSide:
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
-        if st.status == "paused":  # dumped from a frozen cgroup (the source pauses first)
-            cg = str((cfg.get("linux") or {}).get("cgroupsPath") or "")
-            if not await asyncio.to_thread(_thaw, cg):
-                await self.runc._simple("resume", s.name, ["resume", s.name])
-            timings["thawed"] = time.monotonic() - t0
+        if st.status == "paused":  # dumped from a frozen cgroup (stop-copy)
+            await self.runc._simple("resume", s.name, ["resume", s.name])
         s.status = "restored"
         await asyncio.to_thread(self._marker, s)
         with contextlib.suppress(Exception):
@@ -671,23 +669,6 @@ def _break_images(images: Path) -> None:
     """Corrupt an image only the restore reads (the lazy-pages daemon does not)."""
     for p in images.glob("files.img"):
         p.write_bytes(b"\0" * 16)
-
-
-def _thaw(cgroups_path: str) -> bool:
-    """Thaw a cgroupfs-style cgroup by its freezer file: one write, where `runc resume`
-    costs a process start inside the frozen window. False: not found, use runc."""
-    rel = cgroups_path.strip("/")
-    if not rel or ":" in rel or ".." in rel.split("/"):
-        return False
-    for f, value in ((Path("/sys/fs/cgroup") / rel / "cgroup.freeze", "0"),
-                     (Path("/sys/fs/cgroup/freezer") / rel / "freezer.state", "THAWED")):
-        if f.exists():
-            try:
-                f.write_text(value)
-            except OSError:
-                return False
-            return True
-    return False
 
 
 def _cgroup_exists(path: str) -> bool:

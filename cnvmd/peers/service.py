@@ -922,7 +922,9 @@ class PeerService:
         """Listen locally; carry every connection to ``remote_host:remote_port`` on ``node``.
 
         Use ``relay.port``; ``await relay.close()`` (or ``async with``) when done."""
-        relay = streams.TcpRelay(self.open_stream, node, remote_host, remote_port)
+        relay = streams.TcpRelay(
+            lambda: self.open_stream(node, "tcp", {"host": remote_host, "port": remote_port}),
+            f"{node}:{remote_host}:{remote_port}")
         return await relay.start(local_host, local_port)
 
     async def put_file(self, node: str, src: Path | str, dest: str, *,

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,16 +213,18 @@ async def splice(stream: PeerStream, reader: asyncio.StreamReader,
 
 
 class TcpRelay:
-    """A local TCP listener whose every connection is carried to ``host:port`` on a peer.
+    """A local TCP listener whose every connection is spliced into a new peer stream.
 
-    The page-server case: the target runs ``criu page-server --address 127.0.0.1 --port P``;
-    the source calls ``relay = await svc.relay_tcp("node3", P)`` and points runc at
-    ``--page-server 127.0.0.1:{relay.port}``.
+    `opener()` opens that stream; `label` names the far end in logs. The page-server
+    case (`PeerService.relay_tcp`): the target runs ``criu page-server --address
+    127.0.0.1 --port P``; the source relays to a "tcp" stream for that port and points
+    runc at ``--page-server 127.0.0.1:{relay.port}``. A postcopy target relays its
+    lazy-pages daemon into a teleport stream the same way.
     """
 
-    def __init__(self, open_stream: Any, node: str, host: str, port: int) -> None:
-        self._open_stream = open_stream
-        self.node, self.remote_host, self.remote_port = node, host, port
+    def __init__(self, opener: Callable[[], Awaitable[PeerStream]], label: str) -> None:
+        self._opener = opener
+        self.label = label
         self.server: asyncio.Server | None = None
         self.port = 0
         self.bytes_up = 0
@@ -243,15 +245,13 @@ class TcpRelay:
         self._tasks.add(task)
         self.connections += 1
         try:
-            stream = await self._open_stream(
-                self.node, "tcp", {"host": self.remote_host, "port": self.remote_port})
+            stream = await self._opener()
             up, down = await splice(stream, reader, writer)
             self.bytes_up += up
             self.bytes_down += down
         except Exception as exc:
             self.errors.append(str(exc))
-            log.warning("relay to %s:%s:%s failed: %s", self.node, self.remote_host,
-                        self.remote_port, exc)
+            log.warning("relay to %s failed: %s", self.label, exc)
             abort_tcp(writer)
         except asyncio.CancelledError:
             abort_tcp(writer)

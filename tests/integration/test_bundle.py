@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cnvmd import bundle, proc
 from cnvmd.images import ImageStore, is_whiteout
 from cnvmd.runtime import Runc, start_log_shim

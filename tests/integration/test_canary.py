@@ -26,6 +26,7 @@ import pytest
 from cnvmd import netlink
 from cnvmd.lab import Lab
 from cnvmd.runtime import start_log_shim
+from tests.teleportlab import CLIENT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,31 +49,6 @@ while :; do echo "tick $i"; i=$((i+1)); sleep 0.2; done
 COUNTER = """#!/bin/sh
 n=0
 while read l; do n=$((n+1)); echo $n; done
-"""
-# Client: one connection, one request at a time, prints "<monotonic> <n>" per reply.
-CLIENT = r"""
-import socket, sys, time
-ip, port = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 20
-while True:
-    try:
-        s = socket.create_connection((ip, port), timeout=2)
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.1)
-s.settimeout(30)
-print("port", s.getsockname()[1], flush=True)
-f = s.makefile("rb")
-while True:
-    s.sendall(b"x\n")
-    line = f.readline()
-    if not line:
-        print("EOF", flush=True)
-        break
-    print(f"{time.monotonic():.6f} {line.decode().strip()}", flush=True)
-    time.sleep(0.01)
 """
 
 
@@ -166,7 +142,8 @@ async def test_canary_tcp_connection_survives_cross_host_restore(
     finally:
         pipe.close()
 
-    client = Client(await lab.spawn("client", [sys.executable, "-c", CLIENT, CNVM_IP, str(PORT)],
+    argv = [sys.executable, "-c", CLIENT, CNVM_IP, str(PORT), "0.01"]  # a request / 10 ms
+    client = Client(await lab.spawn("client", argv,
                                     stdout=asyncio.subprocess.PIPE,
                                     stderr=asyncio.subprocess.PIPE))
     try:

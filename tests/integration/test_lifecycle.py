@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cnvmd import proc
 from cnvmd.images import ImageError, ImageStore
 from cnvmd.lifecycle import Lifecycle, LocalNetns

@@ -8,13 +8,11 @@ import io
 import json
 import os
 import stat
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cnvmd import bundle
 from cnvmd.images import (
     OPAQUE_XATTR,

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cnvmd import lifecycle
 from cnvmd.images import ImageStore
 from cnvmd.lifecycle import Lifecycle, LocalNetns

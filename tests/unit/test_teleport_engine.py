@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from cnvmd.migration import link as links
 from cnvmd.migration.policy import Convergence, Decision
 from cnvmd.migration.precopy import final_mode, run_rounds
 from cnvmd.migration.target import retarget_config
+from cnvmd.peers.streams import splice
 
 pytestmark = pytest.mark.unit
 
@@ -121,7 +121,7 @@ async def _relay_once(clean: bool) -> tuple[bytes, str]:
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         stream = FakeStream([b"pages", b"more"])
-        await links.splice(stream, reader, writer, clean_eof=lambda: clean)
+        await splice(stream, reader, writer, clean_eof=lambda: clean)
         return bytes(got), await asyncio.wait_for(outcome, 5)
     finally:
         srv.close()
