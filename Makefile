@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit lint demo bench clean-labs install
+.PHONY: deps test unit lint typecheck demo bench clean-labs install
 
 deps:
 	scripts/install-deps
@@ -10,6 +10,7 @@ deps:
 ## test: install everything, then run the whole suite (unit + integration)
 test: deps
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: deps
@@ -17,6 +18,10 @@ unit: deps
 
 lint: deps
 	$(PY) -m ruff check .
+
+## typecheck: mypy over proto/, cnvmd/, cnvmctl/, cnvmlab/ (settings in pyproject.toml)
+typecheck: deps
+	$(PY) -m mypy
 
 ## demo: the one-machine demo (3-node lab, teleport a cnvm around)
 demo: deps

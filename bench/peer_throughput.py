@@ -349,7 +349,7 @@ def main() -> int:
         return 0
     lab = None
     if a.lab:
-        from cnvmd.lab import Lab
+        from cnvmlab.lab import Lab
 
         lab = Lab(a.lab, nodes=2)
         if lab.exists():

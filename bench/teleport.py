@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnvmd import labpaths  # noqa: E402
+from cnvmlab import paths as labpaths  # noqa: E402
 from tests.teleportlab import TeleLab  # noqa: E402
 
 HOG = r"""

@@ -111,7 +111,7 @@ def resolve_socket(ns: argparse.Namespace, cmd: registry.Command) -> tuple[Path,
     if ns.socket:
         return ns.socket, "--socket"
     if ns.node:
-        from cnvmd import labpaths
+        from cnvmlab import paths as labpaths
 
         lab = ns.lab or labpaths.DEFAULT_LAB
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cnvmctl import output
+from cnvmctl.output import ProgressView
 from proto.client import Client, EventCallback
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -72,7 +73,7 @@ class Ctx:
               fmt: dict[str, Callable[[Any], str]] | None = None) -> None:
         output.print_table(rows, columns, fmt)
 
-    def progress(self, title: str = "") -> output.ProgressView:
+    def progress(self, title: str = "") -> ProgressView:
         """Live progress for an op streaming ``progress`` events (silent with --json)::
 
             with ctx.progress("teleport web → node3") as p:

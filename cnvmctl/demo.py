@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnvmd import labpaths
-from cnvmd.lab import Lab
+from cnvmlab import paths as labpaths
+from cnvmlab.lab import Lab
 
 REPO = Path(__file__).resolve().parent.parent
 CNVM = "sneaker01"

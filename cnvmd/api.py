@@ -20,8 +20,15 @@ and start/stop hooks are merged into the daemon's:
 
 Every request runs in its own task, so a slow op never delays others on the same
 connection; ``cancel`` cancels that task (handlers see CancelledError, clean up,
-and the caller gets CANCELLED). The connection handling (`Session`) is transport
-agnostic so the peer protocol can reuse it over SSH channels.
+and the caller gets CANCELLED).
+
+One request/response engine serves both the Unix socket and the peer mesh: `Session`
+is transport agnostic, and the peer mesh runs one per member's RPC channel
+(``Session(peer_router, daemon, write, close, greeted=True, node=member)``: the SSH
+layer already authenticated the member, so no hello, and ``ctx.node`` names it). Peer
+ops live on a *separate* Router (an API client can never reach them; a peer reaches
+API ops only through ``peer.forward``, which runs them with `dispatch`). A Router also
+carries the stream kinds a node accepts on the mesh (``@router.stream(kind)``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -60,11 +67,15 @@ from proto.messages import (
 
 if TYPE_CHECKING:
     from cnvmd.daemon import Daemon
+    from cnvmd.peers.streams import PeerStream
 
 log = logging.getLogger("cnvmd.api")
 
 Handler = Callable[["Context", "Args"], Awaitable[Any]]
 Hook = Callable[["Daemon"], Awaitable[None]]
+StreamHandler = Callable[["PeerStream", dict[str, Any]], Awaitable[Any]]
+"""Receiving side of a peer-mesh bulk stream: ``async def h(stream, args)``."""
+EventSink = Callable[[str, dict[str, Any]], None]
 
 MAX_INFLIGHT = 1024
 """Concurrent requests per connection; more get BUSY (a runaway client, not a user)."""
@@ -86,11 +97,15 @@ class OpSpec:
     module: str = ""
 
 
+_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+
+
 class Router:
-    """A set of ops plus start/stop hooks; routers merge with `include`."""
+    """A set of ops and stream kinds plus start/stop hooks; routers merge with `include`."""
 
     def __init__(self) -> None:
         self.ops: dict[str, OpSpec] = {}
+        self.streams: dict[str, StreamHandler] = {}
         self.startup: list[Hook] = []
         self.shutdown: list[Hook] = []
 
@@ -101,7 +116,7 @@ class Router:
         cancel_on_disconnect=False keeps the op running when its caller goes away
         (e.g. a teleport must finish or roll back on its own; its events are dropped).
         """
-        if not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", name):
+        if not _NAME.fullmatch(name):
             raise ValueError(f"bad op name {name!r}")
 
         def deco(fn: Handler) -> Handler:
@@ -111,6 +126,26 @@ class Router:
                 raise ValueError(f"op {name!r} registered twice")
             doc = summary or next(iter((fn.__doc__ or "").strip().splitlines()), "")
             self.ops[name] = OpSpec(name, fn, doc, cancel_on_disconnect, fn.__module__)
+            return fn
+
+        return deco
+
+    def stream(self, kind: str) -> Callable[[StreamHandler], StreamHandler]:
+        """Register ``async def h(stream, args)`` as the receiving side of the peer-mesh
+        bulk stream `kind` (what a peer's ``open_stream(node, kind, args)`` reaches).
+
+        The handler refuses by raising ProtoError before writing anything, or accepts
+        with ``await stream.write_frame({"ok": True, ...})`` and then owns the stream.
+        """
+        if not _NAME.fullmatch(kind):
+            raise ValueError(f"bad stream kind {kind!r}")
+
+        def deco(fn: StreamHandler) -> StreamHandler:
+            if not asyncio.iscoroutinefunction(fn):
+                raise TypeError(f"stream {kind}: handler must be `async def`")
+            if kind in self.streams:
+                raise ValueError(f"stream kind {kind!r} registered twice")
+            self.streams[kind] = fn
             return fn
 
         return deco
@@ -131,6 +166,11 @@ class Router:
                 raise ValueError(f"op {name!r} defined by both {self.ops[name].module} and "
                                  f"{spec.module}")
             self.ops[name] = spec
+        for kind, fn in other.streams.items():
+            if kind in self.streams:
+                raise ValueError(f"stream kind {kind!r} defined by both "
+                                 f"{self.streams[kind].__module__} and {fn.__module__}")
+            self.streams[kind] = fn
         self.startup.extend(other.startup)
         self.shutdown.extend(other.shutdown)
 
@@ -145,6 +185,15 @@ def _bad(key: str, why: str) -> ProtoError:
     return ProtoError(ErrorCode.INVALID_ARGUMENT, f"argument {key!r} {why}", {"arg": key})
 
 
+# Args has getters named after builtins (str, int, float, bool, list, ...), which
+# shadow them in its class body: its annotations use these aliases instead.
+_str: TypeAlias = builtins.str
+_int: TypeAlias = builtins.int
+_float: TypeAlias = builtins.float
+_bool: TypeAlias = builtins.bool
+_list: TypeAlias = builtins.list
+
+
 class Args(Mapping[str, Any]):
     """A request's args with typed getters that raise INVALID_ARGUMENT, never KeyError.
 
@@ -154,18 +203,18 @@ class Args(Mapping[str, Any]):
 
     def __init__(self, raw: dict[str, Any]) -> None:
         self._raw = raw
-        self._seen: set[str] = set()
+        self._seen: set[_str] = set()
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: _str) -> Any:
         return self._raw[key]
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[_str]:
         return iter(self._raw)
 
-    def __len__(self) -> int:
+    def __len__(self) -> _int:
         return len(self._raw)
 
-    def _get(self, key: str, default: Any) -> tuple[bool, Any]:
+    def _get(self, key: _str, default: Any) -> tuple[_bool, Any]:
         self._seen.add(key)
         if key not in self._raw or self._raw[key] is None:
             if default is _REQUIRED:
@@ -174,8 +223,9 @@ class Args(Mapping[str, Any]):
             return False, default
         return True, self._raw[key]
 
-    def str(self, key: str, default: Any = _REQUIRED, *, pattern: str | None = None,
-            choices: tuple[str, ...] | list[str] | None = None, max_len: int = 4096) -> Any:
+    def str(self, key: _str, default: Any = _REQUIRED, *, pattern: _str | None = None,
+            choices: tuple[_str, ...] | _list[_str] | None = None,
+            max_len: _int = 4096) -> Any:
         have, v = self._get(key, default)
         if not have:
             return v
@@ -189,7 +239,7 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be one of {', '.join(choices)}; got {v!r}")
         return v
 
-    def bytes(self, key: str, default: Any = _REQUIRED, *, max_len: int = 8 << 20) -> Any:
+    def bytes(self, key: _str, default: Any = _REQUIRED, *, max_len: _int = 8 << 20) -> Any:
         """A msgpack bin (str is accepted too, as UTF-8: scripts without a bin type)."""
         have, v = self._get(key, default)
         if not have:
@@ -202,7 +252,7 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"is longer than {max_len} bytes")
         return builtins.bytes(v)
 
-    def name(self, key: str = "name", default: Any = _REQUIRED) -> Any:
+    def name(self, key: _str = "name", default: Any = _REQUIRED) -> Any:
         """A cnvm/host name: a DNS label (lowercase letters, digits, '-', max 63)."""
         have, v = self._get(key, default)
         if not have:
@@ -211,8 +261,8 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be a DNS label (a-z, 0-9, '-', 1-63 chars), got {v!r}")
         return v
 
-    def int(self, key: str, default: Any = _REQUIRED, *, min: int | None = None,
-            max: int | None = None) -> Any:
+    def int(self, key: _str, default: Any = _REQUIRED, *, min: _int | None = None,
+            max: _int | None = None) -> Any:
         have, v = self._get(key, default)
         if not have:
             return v
@@ -224,8 +274,8 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be <= {max}, got {v}")
         return v
 
-    def float(self, key: str, default: Any = _REQUIRED, *, min: float | None = None,
-              max: float | None = None) -> Any:
+    def float(self, key: _str, default: Any = _REQUIRED, *, min: _float | None = None,
+              max: _float | None = None) -> Any:
         have, v = self._get(key, default)
         if not have:
             return v
@@ -237,13 +287,13 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be <= {max}, got {v}")
         return float(v)
 
-    def bool(self, key: str, default: Any = _REQUIRED) -> Any:
+    def bool(self, key: _str, default: Any = _REQUIRED) -> Any:
         have, v = self._get(key, default)
         if have and not isinstance(v, bool):
             raise _bad(key, f"must be true or false, got {type(v).__name__}")
         return v
 
-    def list(self, key: str, default: Any = _REQUIRED, *, of: type = builtins.str) -> Any:
+    def list(self, key: _str, default: Any = _REQUIRED, *, of: type = builtins.str) -> Any:
         have, v = self._get(key, default)
         if not have:
             return v
@@ -251,7 +301,7 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be a list of {of.__name__}")
         return v
 
-    def map(self, key: str, default: Any = _REQUIRED) -> Any:
+    def map(self, key: _str, default: Any = _REQUIRED) -> Any:
         have, v = self._get(key, default)
         if have and not isinstance(v, dict):
             raise _bad(key, f"must be a map, got {type(v).__name__}")
@@ -275,29 +325,64 @@ class PeerCred(NamedTuple):
 
 
 class Context:
-    """What a handler gets besides its args: who asked, and a way to stream events."""
+    """What a handler gets besides its args: who asked, and a way to stream events.
 
-    __slots__ = ("daemon", "finished", "log", "op", "peer", "request_id", "session")
+    A Session makes one per request (``node`` is the calling member on a peer's RPC
+    channel, None for a local API client). `Context.local` is for an in-process call
+    without a Session (events go to a callback); `nested` runs another op inside this
+    request (peer.forward): its events are this request's events and it ends with it.
+    """
 
-    def __init__(self, session: Session, request_id: Any, op: str) -> None:
+    __slots__ = ("_on_event", "_parent", "daemon", "finished", "log", "node", "op", "peer",
+                 "request_id", "session")
+
+    def __init__(self, session: Session | None, request_id: Any, op: str, *,
+                 daemon: Any = None, node: str | None = None,
+                 on_event: EventSink | None = None, parent: Context | None = None) -> None:
         self.session = session
-        self.daemon: Daemon = session.daemon
+        self.daemon: Daemon = session.daemon if session is not None else daemon
+        self.node: str | None = session.node if session is not None else node
+        """The peer-mesh member that asked; None for a local API client."""
+        self.peer = session.peer if session is not None else None
         self.request_id = request_id
         self.op = op
-        self.peer = session.peer
         self.log = log
         self.finished = False  # set once the res was sent: later events are dropped
+        self._on_event = on_event
+        self._parent = parent
+
+    @classmethod
+    def local(cls, op: str, *, daemon: Any = None, node: str | None = None,
+              on_event: EventSink | None = None) -> Context:
+        """A Context for running `op` in-process (see `dispatch`); events → `on_event`."""
+        return cls(None, None, op, daemon=daemon, node=node, on_event=on_event)
+
+    def nested(self, op: str) -> Context:
+        """A Context for `op` run within this request: same caller, same event stream."""
+        return Context(self.session, self.request_id, op, daemon=self.daemon, node=self.node,
+                       on_event=self._on_event, parent=self)
+
+    def _ended(self) -> bool:
+        return (self.finished or (self.session is not None and self.session.closed)
+                or (self._parent is not None and self._parent._ended()))
 
     @property
     def connected(self) -> bool:
         """False once the caller went away (events are then dropped)."""
-        return not self.session.closed and not self.finished
+        return not self._ended()
 
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         """Send an ``evt`` for this request; never blocks (see `drain`)."""
-        if not self.session.closed and not self.finished:
+        if self._ended():
+            return
+        if self.session is not None:
             self.session.send({"t": "evt", "id": self.request_id, "event": event,
                                "data": data or {}})
+        elif self._on_event is not None:
+            try:
+                self._on_event(event, data or {})
+            except Exception:
+                log.exception("event callback of %s failed", self.op)
 
     def progress(self, phase: str, *, done: int | None = None, total: int | None = None,
                  unit: str | None = None, **extra: Any) -> None:
@@ -313,7 +398,53 @@ class Context:
 
     async def drain(self) -> None:
         """Wait until the caller has read what we sent (use in tight emit loops)."""
-        await self.session.drain()
+        if self.session is not None:
+            await self.session.drain()
+
+
+# --------------------------------------------------------------------------- running ops
+
+
+def unknown_op(router: Router, op: str) -> ProtoError:
+    return ProtoError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", {"ops": sorted(router.ops)})
+
+
+async def run_op(spec: OpSpec, ctx: Context, args: Mapping[str, Any]) -> Any:
+    """Run one op's handler: its result, or a ProtoError (the handler's own, or INTERNAL
+    for any other exception, logged). CancelledError propagates; what it means (client
+    cancel, shutdown) is the Session's to say. The one place handlers are called."""
+    try:
+        return await spec.handler(ctx, args if isinstance(args, Args) else Args(dict(args)))
+    except (ProtoError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("op %s failed", spec.name, extra={"op": spec.name, "node": ctx.node})
+        raise ProtoError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+
+
+async def dispatch(router: Router, ctx: Context, op: str, args: Mapping[str, Any]) -> Any:
+    """Run `op` of `router` within `ctx` outside a request of its own: an in-process call
+    (`Context.local`) or an API op run for a peer (``ctx.nested(op)``). Unknown op →
+    UNKNOWN_OP; errors as `run_op`.
+
+    An op declared ``cancel_on_disconnect=False`` keeps running when ctx's caller goes
+    away, as it would as a request of its own; an explicit cancel still reaches it.
+    """
+    spec = router.ops.get(op)
+    if spec is None:
+        raise unknown_op(router, op)
+    session = ctx.session
+    if spec.cancel_on_disconnect or session is None:
+        return await run_op(spec, ctx, args)
+    task = asyncio.ensure_future(run_op(spec, ctx, args))
+    session.track(task)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if ctx.connected:  # cancelled by the caller (or shutdown), not by a disconnect
+            task.cancel()
+            await asyncio.wait({task})
+        raise
 
 
 # --------------------------------------------------------------------------- sessions
@@ -356,17 +487,24 @@ class Session:
     def __init__(self, router: Router, daemon: Any, write: Callable[[bytes], None],
                  close: Callable[[], None], *, peer: PeerCred | None = None,
                  buffered: Callable[[], int] = lambda: 0,
-                 tasks: set[asyncio.Task[Any]] | None = None) -> None:
+                 tasks: set[asyncio.Task[Any]] | None = None, greeted: bool = False,
+                 node: str | None = None,
+                 drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`greeted`: the transport already authenticated the caller (peer mesh): no
+        hello. `node`: the calling member (``ctx.node``). `drain`: the transport's own
+        flow control, if it has no pause/resume_writing callbacks (SSH channels)."""
         self.router = router
         self.daemon = daemon
         self.peer = peer
+        self.node = node
         self._write = write
         self._close = close
         self._buffered = buffered
+        self._drain = drain
         self._decoder = FrameDecoder(MAX_FRAME)
         self._inflight: dict[Any, tuple[asyncio.Task[Any], OpSpec]] = {}
         self._all_tasks = tasks if tasks is not None else set()
-        self._greeted = False
+        self._greeted = greeted
         self._drained = asyncio.Event()
         self._drained.set()
         self.closed = False
@@ -402,6 +540,13 @@ class Session:
 
     async def drain(self) -> None:
         await self._drained.wait()
+        if self._drain is not None and not self.closed:
+            await self._drain()
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Count `task` among this session's (the server cancels them at shutdown)."""
+        self._all_tasks.add(task)
+        task.add_done_callback(self._all_tasks.discard)
 
     # -- protocol
     def send(self, msg: dict[str, Any]) -> None:
@@ -410,7 +555,8 @@ class Session:
         self._write(encode(msg))
         if self._buffered() > MAX_WRITE_BUFFER:
             log.warning("closing connection: client does not read its replies",
-                        extra={"agent": self.agent, "peer_pid": self.peer and self.peer.pid})
+                        extra={"agent": self.agent, "node": self.node,
+                               "peer_pid": self.peer and self.peer.pid})
             self.close()
 
     def close(self) -> None:
@@ -420,7 +566,7 @@ class Session:
 
     def _fatal(self, code: ErrorCode, message: str) -> None:
         log.info("closing connection: %s", message,
-                 extra={"code": str(code), "agent": self.agent,
+                 extra={"code": str(code), "agent": self.agent, "node": self.node,
                         "peer_pid": self.peer and self.peer.pid})
         try:
             self.send(error_response(None, ProtoError(code, message)))
@@ -472,9 +618,7 @@ class Session:
             return
         spec = self.router.ops.get(req.op)
         if spec is None:
-            self.send(error_response(req.id, ProtoError(
-                ErrorCode.UNKNOWN_OP, f"unknown op {req.op!r}",
-                {"ops": sorted(self.router.ops)})))
+            self.send(error_response(req.id, unknown_op(self.router, req.op)))
             return
         if self.shutting_down:
             self.send(error_response(req.id, ProtoError(ErrorCode.UNAVAILABLE,
@@ -486,9 +630,13 @@ class Session:
             return
         task = asyncio.get_running_loop().create_task(self._run(req, spec))
         self._inflight[req.id] = (task, spec)
-        self._all_tasks.add(task)
-        task.add_done_callback(self._all_tasks.discard)
-        task.add_done_callback(lambda t, rid=req.id: self._task_done(rid, t))
+        self.track(task)
+        rid = req.id
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._task_done(rid, t)
+
+        task.add_done_callback(done)
 
     def _cancel_error(self) -> ProtoError:
         if self.shutting_down:
@@ -510,7 +658,7 @@ class Session:
         try:
             msg: dict[str, Any]
             try:
-                result = await spec.handler(ctx, Args(req.args))
+                result = await run_op(spec, ctx, req.args)
                 msg = {"t": "res", "id": req.id, "ok": True, "result": result}
             except ProtoError as exc:
                 outcome = str(exc.code)
@@ -518,11 +666,6 @@ class Session:
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 msg = error_response(req.id, self._cancel_error())
-            except Exception as exc:
-                outcome = "internal"
-                log.exception("op %s failed", req.op, extra={"op": req.op})
-                msg = error_response(req.id, ProtoError(
-                    ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
             try:
                 reply = encode(msg)
             except Exception as exc:  # result (or error details) not serialisable / too big
@@ -537,7 +680,7 @@ class Session:
         finally:
             self._inflight.pop(req.id, None)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"op": req.op, "outcome": outcome,
+                log.debug("request", extra={"op": req.op, "outcome": outcome, "node": self.node,
                                             "ms": round((time.perf_counter() - t0) * 1e3, 3)})
 
 

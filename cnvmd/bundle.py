@@ -210,7 +210,7 @@ def _prepare_dirs(paths: BundlePaths) -> None:
 
 def _kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
     m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
 
 
 def _overlay_options(paths: BundlePaths, layer_dirs: Sequence[Path], *,

@@ -13,6 +13,7 @@ from typing import Any
 
 from cnvmd import criu
 from cnvmd.api import Args, Context, Router
+from cnvmd.services import Plugin
 
 router = Router()
 
@@ -39,16 +40,8 @@ async def ping(ctx: Context, args: Args) -> dict[str, Any]:
 async def status(ctx: Context, args: Args) -> dict[str, Any]:
     """Node name, versions of cnvmd/runc/CRIU/kernel and the host's capabilities."""
     d = ctx.daemon
-    caps: dict[str, Any]
-    if d.caps is not None:
-        caps = d.caps.to_dict()
-        # pipe-max-size can change at run time (the migration engine raises it): read live.
-        live = criu.read_pipe_max_size()
-        caps["pipe_max_size"] = live
-        caps["lazy_pages_ready"] = d.caps.uffd_noncoop and live >= criu.LAZY_PIPE_MIN
-        caps["lazy_pipe_min"] = criu.LAZY_PIPE_MIN
-    else:
-        caps = {"error": d.caps_error or "not probed"}
+    # pipe-max-size can change at run time (the migration engine raises it): read live.
+    caps = criu.live_caps(d.caps, d.caps_error)
     cfg = d.config
     now = time.time()
     return {
@@ -74,3 +67,6 @@ async def ops(ctx: Context, args: Args) -> list[dict[str, str]]:
     """The ops this daemon serves, with one-line summaries and defining modules."""
     return [{"op": s.name, "summary": s.summary, "module": s.module}
             for s in sorted(ctx.daemon.router.ops.values(), key=lambda s: s.name)]
+
+
+plugin = Plugin("core", router=router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cnvmd import proc
 
@@ -89,3 +90,30 @@ async def probe(criu: str) -> Capabilities:
     uffd = await has_feature(criu, "uffd-noncoop")
     tcp = await has_feature(criu, "tcp_half_closed") or await has_feature(criu, "tcp-repair")
     return Capabilities(".".join(map(str, v)), dirty, uffd, tcp, read_pipe_max_size())
+
+
+def live_caps(caps: Capabilities | None, error: str | None = None) -> dict[str, Any]:
+    """Capabilities as a peer sees them, with the live fs.pipe-max-size (the daemon may
+    have raised it since the probe): what a teleport's mode choice reads."""
+    if caps is None:
+        return {"error": error or "not probed"}
+    d: dict[str, Any] = dict(caps.to_dict())
+    live = read_pipe_max_size()
+    d["pipe_max_size"] = live
+    d["lazy_pages_ready"] = bool(caps.uffd_noncoop and live >= LAZY_PIPE_MIN)
+    d["lazy_pipe_min"] = LAZY_PIPE_MIN
+    return d
+
+
+def cpu_flags() -> list[str]:
+    """CPU feature flags (x86 `flags`, arm `Features`): a restored process may use any
+    instruction the source CPU had, so the target needs at least those. Blocking."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return val.split()
+    except OSError:
+        pass
+    return []

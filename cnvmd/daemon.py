@@ -2,9 +2,9 @@
 
 The daemon owns nothing that must die with it: containers are runc's, records are
 on disk, so a crash or restart loses no cnvm. On start it re-reads both and adopts
-what is running (see cnvmd.inventory). Subsystems plug in by defining a module-level
-``router`` (cnvmd.api.Router) in any module of the ``cnvmd`` package; the daemon
-discovers them here, so adding a subsystem never edits this file.
+what is running (see cnvmd.inventory). Subsystems are the plug-ins named in
+``PLUGIN_MODULES``; each declares its API ops, its peer-only ops, what it requires
+and its hooks (cnvmd.services.Plugin), and they start in dependency order.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import pkgutil
 import platform
 import signal
 import socket
@@ -25,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cnvmd
-from cnvmd import criu, proc
+from cnvmd import criu, inventory, proc
 from cnvmd.api import ApiServer, Router, SocketInUse
 from cnvmd.config import Config
+from cnvmd.services import Plugin, Services, start_order
 from cnvmd.state import StateStore
 from proto.messages import PROTOCOL_VERSION
 
@@ -116,22 +116,18 @@ def sd_notify(state: str) -> bool:
 
 # --------------------------------------------------------------------------- plug-ins
 
-_SKIP_MODULES = {"__main__", "daemon"}
+PLUGIN_MODULES = ("cnvmd.core", "cnvmd.inventory", "cnvmd.lifecycle", "cnvmd.network.ops",
+                  "cnvmd.peers.ops", "cnvmd.migration.ops")
+"""The daemon's subsystems. Each module defines ``plugin = Plugin(...)``; the start
+order comes from their declared ``requires``, not from this list."""
 
 
-def discover_routers(package: Any = cnvmd) -> tuple[Router, list[str], dict[str, str]]:
-    """Import every module of the cnvmd package and merge each module-level `router`.
-
-    A module that fails to import is logged and skipped (its ops are missing, the
-    rest of the daemon works); `status` lists it under `plugins_failed`.
-    """
-    merged = Router()
-    loaded: list[str] = []
+def load_plugins(modules: tuple[str, ...] = PLUGIN_MODULES) -> tuple[list[Plugin], dict[str, str]]:
+    """Import the plug-in modules; one that fails (or needs one that failed) is left out
+    and listed with its reason: its ops are missing, the rest of the daemon works."""
+    found: list[Plugin] = []
     failed: dict[str, str] = {}
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name in _SKIP_MODULES or info.name.startswith("_"):
-            continue
-        modname = f"{package.__name__}.{info.name}"
+    for modname in modules:
         try:
             mod = importlib.import_module(modname)
         except Exception as exc:
@@ -139,48 +135,58 @@ def discover_routers(package: Any = cnvmd) -> tuple[Router, list[str], dict[str,
                       exc_info=True, extra={"module": modname})
             failed[modname] = f"{type(exc).__name__}: {exc}"
             continue
-        r = getattr(mod, "router", None)
-        if isinstance(r, Router):
-            try:
-                merged.include(r)
-            except ValueError as exc:
-                log.error("plug-in rejected", extra={"module": modname, "error": str(exc)})
-                failed[modname] = str(exc)
-                continue
-            loaded.append(modname)
-    return merged, loaded, failed
+        p = getattr(mod, "plugin", None)
+        if not isinstance(p, Plugin):
+            failed[modname] = "defines no `plugin`"
+            continue
+        found.append(p)
+    names = {p.name for p in found}
+    while True:  # drop plug-ins whose requirements are missing, transitively
+        bad = [p for p in found if any(r not in names for r in p.requires)]
+        if not bad:
+            break
+        for p in bad:
+            failed[p.name] = "requires " + ", ".join(r for r in p.requires if r not in names)
+            found.remove(p)
+            names.discard(p.name)
+    return start_order(found), failed
+
+
+def merge_routers(plugins: list[Plugin]) -> tuple[Router, Router]:
+    """The API router and the peer-only router of all plug-ins (kept apart: a peer op
+    is never reachable from the API socket)."""
+    api, peer = Router(), Router()
+    for p in plugins:
+        if p.router is not None:
+            api.include(p.router)
+        if p.peer_router is not None:
+            peer.include(p.peer_router)
+    return api, peer
 
 
 # --------------------------------------------------------------------------- daemon
 
 
 @dataclass
-class Adopted:
-    """A container this daemon instance found running at start and took over."""
-
-    runc_id: str
-    pid: int
-    at: float
-
-
-@dataclass
 class Daemon:
     """Everything handlers reach through ``ctx.daemon``.
 
-    ``services`` is a free-form registry where subsystems publish shared objects in
-    their startup hook (``daemon.services["runtime"] = Runtime(...)``) for others.
+    ``services`` holds the subsystems' shared objects by typed key
+    (``daemon.services.require(LIFECYCLE)``), provided by each plug-in's start hook.
     """
 
     config: Config
     state: StateStore
     router: Router
+    peer_router: Router = field(default_factory=Router)
+    plugin_list: list[Plugin] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     caps: criu.Capabilities | None = None
     caps_error: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)
-    adopted: dict[str, Adopted] = field(default_factory=dict)
-    services: dict[str, Any] = field(default_factory=dict)
+    adopted: dict[str, inventory.Adopted] = field(default_factory=dict)
+    services: Services = field(default_factory=Services)
     plugins: list[str] = field(default_factory=list)
     plugins_failed: dict[str, str] = field(default_factory=dict)
     server: ApiServer | None = None
@@ -249,8 +255,6 @@ class Daemon:
                                     "state_dir": str(cfg.state_dir),
                                     "runc_root": str(cfg.runc_root)})
         self.prepare_dirs()
-        from cnvmd import inventory  # core op module, always present
-
         self.server = ApiServer(self.router, self)
         try:
             await self.server.bind(cfg.socket_path)  # first: a second daemon stops here
@@ -260,8 +264,12 @@ class Daemon:
             return 1
         try:
             await asyncio.gather(self.probe(), inventory.adopt(self))
-            for hook in self.router.startup:
-                await hook(self)
+            for p in self.plugin_list:
+                if p.start is not None:
+                    await p.start(self)
+            for p in self.plugin_list:
+                if p.serve is not None:
+                    await p.serve(self)
             await self.server.serve()
             sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}\nMAINPID={os.getpid()}")
             log.info("ready", extra={"ops": sorted(self.router.ops),
@@ -273,11 +281,13 @@ class Daemon:
             await self.server.stop()
             return 0
         finally:
-            for hook in reversed(self.router.shutdown):  # hooks tolerate a partial start
+            for p in reversed(self.plugin_list):  # stop hooks tolerate a partial start
+                if p.stop is None:
+                    continue
                 try:
-                    await hook(self)
+                    await p.stop(self)
                 except Exception:
-                    log.exception("shutdown hook failed", extra={"hook": hook.__qualname__})
+                    log.exception("plug-in stop failed", extra={"plugin": p.name})
             if self.server is not None:
                 await self.server.stop(grace=0)  # no-op after a clean stop; else release
             log.info("stopped")
@@ -287,10 +297,12 @@ class Daemon:
         self.request_stop()
 
 
-async def amain(cfg: Config, extra_routers: list[Router] | None = None) -> int:
-    router, loaded, failed = discover_routers()
-    for r in extra_routers or []:
-        router.include(r)
+async def amain(cfg: Config, extra: list[Plugin] | None = None) -> int:
+    plugins, failed = load_plugins()
+    if extra:
+        plugins = start_order([*plugins, *extra])
+    router, peer_router = merge_routers(plugins)
     daemon = Daemon(config=cfg, state=StateStore(cfg.state_dir), router=router,
-                    plugins=loaded, plugins_failed=failed)
+                    peer_router=peer_router, plugin_list=plugins,
+                    plugins=[p.name for p in plugins], plugins_failed=failed)
     return await daemon.run()

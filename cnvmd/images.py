@@ -36,6 +36,7 @@ import removes whatever it added, so bad input changes nothing. All blocking wor
 from __future__ import annotations
 
 import asyncio
+import builtins
 import bz2
 import contextlib
 import gzip
@@ -56,7 +57,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from cnvmd.state import atomic_write
 from proto.messages import ErrorCode, ProtoError
@@ -340,8 +341,14 @@ def _hash_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+class _ByteReader(Protocol):
+    """What a decompressed layer stream offers: a plain file, a pipe, GzipFile, LZMAFile, ..."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @contextlib.contextmanager
-def _decompressed(path: Path) -> Iterator[IO[bytes]]:
+def _decompressed(path: Path) -> Iterator[_ByteReader]:
     """Yield the uncompressed tar stream of a blob, whatever its compression."""
     with open(path, "rb") as raw:
         kind = sniff_compression(raw.read(8))
@@ -350,13 +357,13 @@ def _decompressed(path: Path) -> Iterator[IO[bytes]]:
             yield raw
         elif kind == "gzip":
             with gzip.GzipFile(fileobj=raw) as f:
-                yield f  # type: ignore[misc]
+                yield f
         elif kind == "xz":
             with lzma.LZMAFile(raw) as f:
-                yield f  # type: ignore[misc]
+                yield f
         elif kind == "bzip2":
             with bz2.BZ2File(raw) as f:
-                yield f  # type: ignore[misc]
+                yield f
         else:
             zstd = shutil.which("zstd")
             if zstd is None:
@@ -384,7 +391,7 @@ TAR_ARGS = [
 ]
 
 
-def _untar_stream(stream: IO[bytes], dest: Path) -> str:
+def _untar_stream(stream: _ByteReader, dest: Path) -> str:
     """Feed an uncompressed tar stream to GNU tar; return the stream's sha256 digest."""
     h = hashlib.sha256()
     with tempfile.TemporaryFile() as errf:
@@ -480,6 +487,11 @@ def _rmtree(path: Path) -> None:
             path.unlink()
 
 
+def _rmtrees(paths: list[Path]) -> None:
+    for p in paths:
+        _rmtree(p)
+
+
 # -------------------------------------------------------------------------- store
 
 
@@ -569,7 +581,7 @@ class ImageStore:
     def inspect(self, ref: str) -> dict[str, Any]:
         return self.resolve(ref).describe()
 
-    def image_blobs(self, ref: str) -> list[str]:
+    def image_blobs(self, ref: str) -> builtins.list[str]:
         """Every blob an image needs: manifest, config, layers (what a peer must hold)."""
         img = self.resolve(ref)
         return [img.manifest_digest, img.config_digest, *(x.digest for x in img.layers)]
@@ -674,10 +686,10 @@ class ImageStore:
             (self.records / f"{img.id}.json").unlink(missing_ok=True)
             del self._images[img.id]
             garbage = self._unreferenced(img)
-        await asyncio.to_thread(lambda: [_rmtree(p) for p in garbage])
+        await asyncio.to_thread(_rmtrees, garbage)
         return img
 
-    async def _users(self, img: Image) -> list[str]:
+    async def _users(self, img: Image) -> builtins.list[str]:
         got = self.in_use()
         if inspect.isawaitable(got):
             got = await got
@@ -688,7 +700,7 @@ class ImageStore:
                 users.extend(cnvms)
         return users
 
-    def _unreferenced(self, img: Image) -> list[Path]:
+    def _unreferenced(self, img: Image) -> builtins.list[Path]:
         keep_blobs: set[str] = set(self._pinned)
         keep_layers: set[str] = set(self._pinned)
         for other in self._images.values():
@@ -774,7 +786,7 @@ class _Import:
             return others <= 0 and not store._referenced(d)
 
         doomed = [p for p in added if doomed_ok(p)]
-        await asyncio.to_thread(lambda: [_rmtree(p) for p in doomed])
+        await asyncio.to_thread(_rmtrees, doomed)
 
     # ---- blob helpers (run in threads)
 

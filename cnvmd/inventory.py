@@ -21,12 +21,14 @@ import logging
 import re
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnvmd import proc
 from cnvmd.api import Args, Context, Router
-from cnvmd.daemon import Adopted
+from cnvmd.migration import journal
 from cnvmd.runtime import Runc, RuncError
+from cnvmd.services import NETWORK, PEERS, Plugin
 from cnvmd.state import StateError
 from proto.messages import CnvmSummary, ErrorCode, ProtoError
 
@@ -34,6 +36,15 @@ if TYPE_CHECKING:
     from cnvmd.daemon import Daemon
 
 log = logging.getLogger("cnvmd.inventory")
+
+
+@dataclasses.dataclass
+class Adopted:
+    """A container this daemon instance found running at start and took over."""
+
+    runc_id: str
+    pid: int
+    at: float
 router = Router()
 
 KIND = "cnvms"
@@ -188,6 +199,8 @@ async def inspect(ctx: Context, args: Args) -> dict[str, Any]:
     except StateError:
         kept = None
     out["teleports"] = (kept or {}).get("reports", [])
+    out["teleport_sessions"] = await asyncio.to_thread(
+        journal.unresolved, Path(d.config.state_dir), name)
     out["exposes"] = await _exposes_of(d, name)
     return out
 
@@ -197,10 +210,10 @@ async def _exposes_of(d: Any, name: str, timeout: float = 2.0) -> list[dict[str,
     forwards to the cnvm wherever it runs). Nodes that do not answer within `timeout`
     are listed with an error instead of their ports, so inspect never hangs on them."""
     out: list[dict[str, Any]] = []
-    net = d.services.get("network")
+    net = d.services.get(NETWORK)
     if net is not None:
         out += [{**f.to_dict(), "node": d.node_name} for f in net.exposes(name)]
-    svc = d.services.get("peers")
+    svc = d.services.get(PEERS)
     if svc is None or getattr(svc, "cluster", None) is None:
         return out
     others = [m.name for m in svc.membership.active() if m.name != d.node_name]
@@ -215,3 +228,6 @@ async def _exposes_of(d: Any, name: str, timeout: float = 2.0) -> list[dict[str,
     for part in await asyncio.gather(*(one(n) for n in others)):
         out += part
     return out
+
+
+plugin = Plugin("inventory", router=router)

@@ -11,7 +11,7 @@ the overlay mount and the netns are re-derivable from the record, so everything
 survives a daemon restart (running containers are adopted by the inventory).
 
 The cnvm's network namespace is a pluggable step: another subsystem publishes an
-object with ``attach``/``detach`` (see `Network`) as ``daemon.services["network"]``.
+object with ``attach``/``detach`` (see `Network`) as the NETWORK service (cnvmd.services).
 Until one is there, `LocalNetns` gives each cnvm its own namespace with only
 loopback (no IP).
 
@@ -34,6 +34,7 @@ from cnvmd import bundle, proc
 from cnvmd.api import Args, Context, Router
 from cnvmd.images import ImageStore
 from cnvmd.runtime import LogPipe, Runc, RuncError, start_log_shim
+from cnvmd.services import LIFECYCLE, NETWORK, Plugin
 from cnvmd.state import StateStore
 from proto.messages import EVT_PROGRESS, ErrorCode, ProtoError
 
@@ -44,7 +45,7 @@ LOG_TAIL_MAX = 4 << 20
 
 
 class Network(Protocol):
-    """What deploy needs from the network subsystem (daemon.services["network"])."""
+    """What deploy needs from the network subsystem (the NETWORK service)."""
 
     async def attach(self, name: str, *, ip: str | None, record: dict[str, Any]
                      ) -> dict[str, Any]:
@@ -106,7 +107,7 @@ async def _net_call(coro: Any) -> Any:
 
 
 class Lifecycle:
-    """The node's cnvm operations; one per daemon (``daemon.services["lifecycle"]``)."""
+    """The node's cnvm operations; one per daemon (the LIFECYCLE service)."""
 
     def __init__(self, *, node: str, state: StateStore, images: ImageStore, runc: Runc,
                  cnvms_dir: Path, network: Network | None = None,
@@ -228,6 +229,39 @@ class Lifecycle:
             env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
             netns_path=netns_path, ip=rec.get("ip"),
             annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+
+    async def save_record(self, name: str, rec: dict[str, Any]) -> None:
+        """Write a cnvm's record (a teleport target adopting a restored cnvm)."""
+        bundle.check_name(name)
+        await self._save(name, rec)
+
+    async def release(self, name: str) -> None:
+        """Forget a cnvm that now lives elsewhere (teleport source after the switchover,
+        or a target undoing an arrival): container, overlay, bundle dir, record. The
+        network (netns, address) is the network service's; this does not touch it."""
+        paths = self.paths(name)
+        with contextlib.suppress(Exception):
+            await self.runc.destroy(name)
+        await bundle.destroy(paths)
+        await asyncio.to_thread(self.state.delete, KIND, name)
+
+    async def write_restore_config(self, name: str, rec: dict[str, Any], *, netns_path: str,
+                                   cgroups_path: str | None = None) -> None:
+        """config.json for `runc restore` of an arriving cnvm, from its record under
+        this node's policy (the same builder as deploy; the rootfs is mounted).
+        `cgroups_path` overrides the per-node cgroup (the tasks return to the one
+        they were dumped from when that exists here)."""
+        img = self.images.resolve(rec["image_id"])
+        paths = self.paths(name)
+        cfg = await asyncio.to_thread(lambda: bundle.runc_config(
+            name=name, image_config=img.config, node=self.node,
+            hostname=rec.get("hostname") or name, cmd=rec.get("cmd") or None,
+            env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
+            netns_path=netns_path, rootfs=paths.rootfs,
+            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node}))
+        if cgroups_path is not None:
+            cfg["linux"]["cgroupsPath"] = cgroups_path
+        await bundle.write_config(paths, cfg)
 
     async def _run(self, name: str) -> None:
         paths = self.paths(name)
@@ -413,13 +447,9 @@ router = Router()
 
 
 def _svc(ctx: Context) -> Lifecycle:
-    svc = ctx.daemon.services.get("lifecycle")
-    if svc is None:
-        raise ProtoError(ErrorCode.UNAVAILABLE, "the lifecycle service is not started")
-    return svc
+    return ctx.daemon.services.require(LIFECYCLE)
 
 
-@router.on_startup
 async def start_lifecycle(daemon: Any) -> None:
     cfg = daemon.config
     life: Lifecycle | None = None
@@ -429,12 +459,11 @@ async def start_lifecycle(daemon: Any) -> None:
 
     store = ImageStore.from_config(cfg, in_use=in_use)
     await asyncio.to_thread(store.load)
-    runc = daemon.services.get("runc") or Runc(cfg.runc_root, cfg.runc, cfg.criu)
+    runc = Runc(cfg.runc_root, cfg.runc, cfg.criu)
     life = Lifecycle(node=cfg.node_name, state=daemon.state, images=store, runc=runc,
                      cnvms_dir=cfg.cnvms_dir,
-                     network_lookup=lambda: daemon.services.get("network"))
-    daemon.services["images"] = store
-    daemon.services["lifecycle"] = life
+                     network_lookup=lambda: daemon.services.get(NETWORK))
+    daemon.services.provide(LIFECYCLE, life)
 
 
 @router.op("images.import")
@@ -556,3 +585,6 @@ async def logs(ctx: Context, args: Args) -> dict[str, Any]:
         ctx.emit(EVT_OUTPUT, {"data": chunk})
         await ctx.drain()
     return {"name": name, "data": "", "ended": "the cnvm left this node"}
+
+
+plugin = Plugin("lifecycle", router=router, start=start_lifecycle)

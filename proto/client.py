@@ -15,6 +15,7 @@ and peer daemons all use this one client so the protocol is spoken one way.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import os
 from collections.abc import Callable, Generator
@@ -38,7 +39,15 @@ class Event(NamedTuple):
 
 
 EventCallback = Callable[[Event], Any]
-_END = object()
+
+
+class _End(enum.Enum):
+    """Queued after a call's last event (a one-member enum: `is _END` narrows the type)."""
+
+    END = enum.auto()
+
+
+_END = _End.END
 
 
 class Call:
@@ -50,7 +59,8 @@ class Call:
         self.op = op
         self._client = client
         self._on_event = on_event
-        self._queue: asyncio.Queue[Any] | None = asyncio.Queue() if queue_events else None
+        self._queue: asyncio.Queue[Event | _End] | None = (
+            asyncio.Queue() if queue_events else None)
         self._fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     # -- fed by the client's protocol

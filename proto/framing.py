@@ -28,7 +28,7 @@ class FrameError(Exception):
 
 def encode_frame(obj: dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:
     """Encode one map as a frame (header + msgpack body)."""
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     if len(body) > max_frame:
         raise FrameError(f"frame of {len(body)} bytes exceeds the {max_frame}-byte limit")
     return _HEADER.pack(len(body)) + body

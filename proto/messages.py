@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeGuard
 
 PROTOCOL_VERSION = 1
 
@@ -83,7 +83,7 @@ def response(req_id: int, result: Any = None) -> dict[str, Any]:
     return {"t": "res", "id": req_id, "ok": True, "result": result}
 
 
-def error_response(req_id: int | None, err: ProtoError) -> dict[str, Any]:
+def error_response(req_id: int | str | None, err: ProtoError) -> dict[str, Any]:
     return {"t": "res", "id": req_id, "ok": False, "error": err.to_wire()}
 
 
@@ -133,7 +133,7 @@ def negotiate(client_proto: Any) -> int:
     return min(client_proto, PROTOCOL_VERSION)
 
 
-def valid_id(req_id: Any) -> bool:
+def valid_id(req_id: object) -> TypeGuard[int | str]:
     """Request ids are int64 integers or short strings (scripts may prefer strings)."""
     if isinstance(req_id, bool):
         return False
@@ -220,6 +220,7 @@ class CnvmSummary(TypedDict, total=False):
     adopted: bool  # already running when this daemon started; it took it over
     image: str | None
     ip: str | None
+    memory: int | None  # memory limit in bytes (None: unlimited)
     node: str
     created: str | None  # runc's creation time (RFC 3339)
     uptime: float | None  # seconds since creation while running

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cnvmd.lab import Lab
+from cnvmlab.lab import Lab
 
 IS_ROOT = os.geteuid() == 0
 ROOT_REASON = "integration tests need root (network namespaces, runc, CRIU): run as root"

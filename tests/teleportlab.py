@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnvmd import labpaths, netlink
-from cnvmd.lab import Lab
+from cnvmd import netlink
+from cnvmlab import paths as labpaths
+from cnvmlab.lab import Lab
 from proto.client import Client
 from tests import imagebuild
 
@@ -157,7 +158,7 @@ class TeleLab:
         """cnvmd in the node's netns: lab paths, underlay listen address, own netns prefix."""
         import os
 
-        from cnvmd.lab import REPO
+        from cnvmlab.lab import REPO
 
         lab = self.lab
         run = labpaths.node_run_dir(lab.name, node)

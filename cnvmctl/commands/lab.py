@@ -1,6 +1,6 @@
 """`cnvmctl lab …`: a multi-node cluster on one machine, in network namespaces.
 
-The same `cnvmd.lab.Lab` code backs the tests, the benchmarks and the demo, so
+The same `cnvmlab.lab.Lab` code backs the tests, the benchmarks and the demo, so
 what an operator pokes at by hand is exactly what CI exercises.
 """
 
@@ -25,8 +25,8 @@ _NAME = arg("--name", default=None, metavar="NAME",
 
 
 def _lab(ctx: Ctx, a: argparse.Namespace, nodes: int | None = None) -> Any:
-    from cnvmd import labpaths
-    from cnvmd.lab import Lab
+    from cnvmlab import paths as labpaths
+    from cnvmlab.lab import Lab
 
     if os.geteuid() != 0:
         raise CliError("the lab needs root (network namespaces, runc, CRIU)",
@@ -53,7 +53,7 @@ def _lab(ctx: Ctx, a: argparse.Namespace, nodes: int | None = None) -> Any:
                arg("--no-cluster", action="store_true",
                    help="start the daemons but form no cluster")])
 async def lab_up(ctx: Ctx, a: argparse.Namespace) -> None:
-    from cnvmd.lab import LabError
+    from cnvmlab.lab import LabError
 
     lab = _lab(ctx, a, a.nodes)
     try:

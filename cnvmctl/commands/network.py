@@ -77,7 +77,7 @@ def render_status(st: dict[str, Any]) -> None:
     dp = st.get("datapath", {})
     print_kv([
         ("node", st.get("node")),
-        ("subnet", st.get("subnet") + (f" (gateway {st['gateway']})" if st.get("gateway")
+        ("subnet", st["subnet"] + (f" (gateway {st['gateway']})" if st.get("gateway")
                                        else "")),
         ("datapath", ("up" if dp.get("up") else "down" if st.get("enabled") else
                       "not built (cnvmctl net up)")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cnvmd.peers.streams import TcpRelay
-from proto.messages import ErrorCode, ProtoError
+from cnvmd.peers.streams import PeerStream, TcpRelay
+
+if TYPE_CHECKING:
+    from cnvmd.peers.service import PeerService
 
 STREAM_KIND = "teleport.data"
 
@@ -53,30 +55,21 @@ class NodeLink(Protocol):
 
 
 class PeerLink:
-    """NodeLink over `cnvmd.peers.PeerService`: API ops run on the peer via `forward`."""
+    """NodeLink over `cnvmd.peers.PeerService`: the target's peer-only teleport ops."""
 
-    def __init__(self, svc: Any, node: str) -> None:
+    def __init__(self, svc: PeerService, node: str) -> None:
         self.svc = svc
         self.node = node
 
     async def call(self, op: str, args: dict[str, Any], *, timeout: float | None = 60.0,
                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Any:
-        return await self.svc.forward(self.node, op, args, timeout=timeout, on_event=on_event)
+        return await self.svc.call(self.node, op, args, timeout=timeout, on_event=on_event)
 
-    async def open_stream(self, args: dict[str, Any]) -> ByteStream:
+    async def open_stream(self, args: dict[str, Any]) -> PeerStream:
         return await self.svc.open_stream(self.node, STREAM_KIND, args)
 
-    async def relay(self, remote_port: int) -> Relay:
+    async def relay(self, remote_port: int) -> TcpRelay:
         return await self.svc.relay_tcp(self.node, remote_port)
-
-
-def peer_service(daemon: Any) -> Any:
-    svc = daemon.services.get("peers")
-    if svc is None:
-        raise ProtoError(ErrorCode.UNAVAILABLE,
-                         "the peer mesh is not running on this node: teleport needs it "
-                         "(run `cnvmctl cluster init` / `cnvmctl join`)")
-    return svc
 
 
 def member_names(svc: Any) -> set[str]:
@@ -92,7 +85,7 @@ def member_names(svc: Any) -> set[str]:
 CHUNK = 1 << 20
 
 
-async def stream_relay(link: NodeLink, args: dict[str, Any]) -> TcpRelay:
+async def stream_relay(link: PeerLink, args: dict[str, Any]) -> TcpRelay:
     """A loopback TCP listener; each connection is spliced into a new teleport stream.
 
     Used on a postcopy target: CRIU's lazy-pages daemon connects here, and the

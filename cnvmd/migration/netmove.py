@@ -70,7 +70,8 @@ async def host_peer(netns: str, node_netns: str | None = None) -> str | None:
         res = await ipr.link("get", index=found[0])
         msgs = res if isinstance(res, list | tuple) else [m async for m in res]
         for m in msgs:
-            return m.get("IFLA_LINK")
+            peer = m.get("IFLA_LINK")
+            return int(peer) if peer is not None else None
         return None
 
     idx = await netlink.with_rtnl(netns, peer_index)
@@ -297,6 +298,11 @@ class ServiceNet:
     def __init__(self, net: Any) -> None:
         self.net = net
 
+    def host_veth(self, name: str) -> str:
+        from cnvmd.network import names
+
+        return names.host_veth(name)
+
     def netns(self, name: str) -> str:
         return str(self.net.cnvms.netns(name))
 
@@ -316,7 +322,9 @@ class ServiceNet:
 
 def plumbing(daemon: Any) -> BridgeNet | ServiceNet:
     """The network subsystem's per-cnvm plumbing if published, else BridgeNet."""
-    svc = daemon.services.get("network")
+    from cnvmd.services import NETWORK
+
+    svc = daemon.services.get(NETWORK)
     if svc is not None and all(hasattr(svc, m) for m in
                                ("create", "bring_up", "announce", "destroy", "cnvms")):
         return ServiceNet(svc)

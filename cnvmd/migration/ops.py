@@ -1,55 +1,59 @@
-"""Teleport API ops, the target-side ops the source calls through the peer mesh,
-the `teleport.data` stream kind, and the daemon start hook.
+"""The teleport plug-in: client API ops, peer-only target ops, the data stream kind.
 
-Client ops:  teleport, teleport.cancel, teleport.reports
-Target ops:  teleport.prepare / image / pages / restore / commit / abort / status
-             (ordinary API ops: the source runs them on the target with the peer
-             mesh's `forward`, so they get validation, events and cancellation)
+API ops (cnvmctl):  teleport, teleport.cancel, teleport.reports
+Peer-only ops:      teleport.prepare / image / pages / pagemaps / restore / commit /
+                    abort / status, and the ``teleport.data`` stream kind. They are
+                    on `peer_router`, which the peer mesh serves to authenticated
+                    members only; the API socket never sees them. Each parses its
+                    message with cnvmd.migration.wire and acts only on sessions the
+                    calling member (``ctx.node``) prepared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 from cnvmd import criu
 from cnvmd.api import Args, Context, Router
 from cnvmd.migration import link as links
+from cnvmd.migration import wire
 from cnvmd.migration.policy import Mode
-from cnvmd.migration.source import Options, Teleport, TeleportError
-from cnvmd.migration.target import TargetSide, load_reports
+from cnvmd.migration.report import load_reports
+from cnvmd.migration.source import FAULT_POINTS, Options, Teleport, TeleportError
+from cnvmd.migration.target import TARGET_FAULT_POINTS, TargetSide
 from cnvmd.peers.streams import splice
+from cnvmd.services import LIFECYCLE, TELEPORTS, Plugin
 from proto.messages import ErrorCode, ProtoError
 
 log = logging.getLogger("cnvmd.teleport")
 router = Router()
+peer_router = Router()
 
 MODES = tuple(m.value for m in Mode)
 
 
-class SourceSide:
-    """Teleports leaving this node, by cnvm name and by session id."""
+class Teleports:
+    """This node's teleport engine: outgoing teleports by cnvm name, incoming sessions."""
 
-    def __init__(self) -> None:
-        self.by_name: dict[str, tuple[Teleport, asyncio.Task[Any]]] = {}
+    def __init__(self, daemon: Any, criu_bin: str, criu_lazy: str) -> None:
+        self.daemon = daemon
+        self.criu = criu_bin
+        self.outgoing: dict[str, tuple[Teleport, asyncio.Task[Any]]] = {}
+        self.target = TargetSide(daemon, criu_bin, criu_lazy)
 
     def by_sid(self, sid: str) -> Teleport | None:
-        for t, _ in self.by_name.values():
+        for t, _ in self.outgoing.values():
             if t.sid == sid:
                 return t
         return None
 
 
-def _sides(daemon: Any) -> tuple[SourceSide, TargetSide]:
-    src = daemon.services.get("teleport.source")
-    tgt = daemon.services.get("teleport.target")
-    if src is None or tgt is None:
-        src = daemon.services.setdefault("teleport.source", SourceSide())
-        tgt = daemon.services.setdefault("teleport.target", TargetSide(daemon))
-    _register_stream(daemon)
-    return src, tgt
+def _engine(ctx: Context) -> Teleports:
+    return ctx.daemon.services.require(TELEPORTS)
 
 
 # --------------------------------------------------------------------------- start-up
@@ -74,79 +78,54 @@ async def ensure_pipe_max_size(daemon: Any) -> None:
         log.warning("cannot raise fs.pipe-max-size to %d (%s): postcopy unavailable",
                     criu.LAZY_PIPE_MIN, exc)
         return
-    import dataclasses
-
     daemon.caps = dataclasses.replace(caps, pipe_max_size=criu.read_pipe_max_size())
     log.info("raised fs.pipe-max-size from %d to %d for lazy pages", cur,
              daemon.caps.pipe_max_size)
 
 
-@router.on_startup
 async def start_teleport(daemon: Any) -> None:
     await ensure_pipe_max_size(daemon)
-    from cnvmd.migration import criushim
+    from cnvmd.migration import criushim, recovery
 
-    daemon.services["teleport.criu"], daemon.services["teleport.criu_lazy"] = \
-        await criushim.criu_for_teleport(daemon.config.criu, daemon.config.state_dir)
-    _, tgt = _sides(daemon)
-
-    from cnvmd.peers.ops import on_peers
-
-    on_peers(daemon, lambda svc: _register_stream(daemon, svc))
-
-    async def wait_peers() -> None:
-        # The network and the peer mesh start after us (hooks run in module order):
-        # clean interrupted arrivals once the network service can take back its netns.
-        for _ in range(600):
-            if daemon.services.get("peers") is not None:
-                break
-            await asyncio.sleep(0.05)
-        try:
-            await tgt.recover()
-        except Exception:
-            log.exception("cleaning interrupted teleports failed")
-
-    daemon.services["teleport.init"] = asyncio.create_task(wait_peers())
+    criu_bin, criu_lazy = await criushim.criu_for_teleport(daemon.config.criu,
+                                                           daemon.config.state_dir)
+    engine = Teleports(daemon, criu_bin, criu_lazy)
+    daemon.services.provide(TELEPORTS, engine)
+    # Sessions a killed daemon left: resolved before this node serves peers again.
+    try:
+        await recovery.recover(engine)
+    except Exception:
+        log.exception("resolving interrupted teleports failed")
 
 
-@router.on_shutdown
 async def stop_teleport(daemon: Any) -> None:
-    t = daemon.services.pop("teleport.init", None)
-    if t is not None:
-        t.cancel()
+    engine = daemon.services.remove(TELEPORTS)
+    if engine is not None:
+        await engine.target.shutdown()
 
 
-def _register_stream(daemon: Any, svc: Any = None) -> bool:
-    svc = svc if svc is not None else daemon.services.get("peers")
-    if svc is None:
-        return False
-    if getattr(svc, "_cnvm_teleport_stream", False):
-        return True
-
-    async def handler(stream: Any, args: dict[str, Any]) -> None:
-        await serve_data(daemon, stream, args)
-
-    svc.register_stream(links.STREAM_KIND, handler)
-    svc._cnvm_teleport_stream = True
-    return True
+# --------------------------------------------------------------------------- data stream
 
 
-async def serve_data(daemon: Any, stream: Any, args: dict[str, Any]) -> None:
-    src, tgt = _sides(daemon)
-    if args.get("what") == "pages":
+@peer_router.stream(links.STREAM_KIND)
+async def serve_data(stream: Any, args: dict[str, Any]) -> None:
+    """``teleport.data``: bulk data of a session from the member that prepared it."""
+    engine: Teleports = stream.daemon.services.require(TELEPORTS)
+    hdr = wire.DataHeader.from_wire(args)
+    if hdr.what is wire.DataKind.PAGES:
         # A postcopy target's lazy-pages daemon, relayed to our lazy page server.
-        t = src.by_sid(str(args.get("sid")))
-        if t is None or not t.lazy_port:
-            raise ProtoError(ErrorCode.NOT_FOUND, f"no lazy teleport {args.get('sid')} here")
+        t = engine.by_sid(hdr.sid)
+        if t is None or not t.lazy_port or t.target != stream.node:
+            raise ProtoError(ErrorCode.NOT_FOUND, f"no lazy teleport {hdr.sid} here")
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", t.lazy_port,
                                                           limit=links.CHUNK)
         except OSError as exc:
             raise ProtoError(ErrorCode.UNAVAILABLE, f"lazy page server: {exc}") from None
         await stream.write_frame({"ok": True})
-        await splice(stream, reader, writer, clean_eof=lambda: t.committed)
+        await splice(stream, reader, writer, clean_eof=lambda: t.switched)
         return
-    await tgt.serve_data(stream, args)
+    await engine.target.serve_data(stream, hdr, stream.node)
 
 
 # --------------------------------------------------------------------------- client ops
@@ -156,39 +135,43 @@ async def serve_data(daemon: Any, stream: Any, args: dict[str, Any]) -> None:
 async def teleport(ctx: Context, args: Args) -> dict[str, Any]:
     """Move a running cnvm to another node, live (memory, TCP connections, IP, files)."""
     name = args.name("name")
-    target = args.str("target", max_len=128)
+    target = args.str("target", pattern=wire.NODE_RE.pattern, max_len=63)
     opts = Options(
         mode=args.str("mode", "auto", choices=MODES),
         max_downtime=args.float("max_downtime", 0.3, min=0.001, max=600),
         max_rounds=args.int("max_rounds", 8, min=1, max=100),
         lease=args.float("lease", 30.0, min=2, max=3600),
-        hold={str(k): float(v) for k, v in (args.map("hold", {}) or {}).items()},
+        hold={str(k): float(v) for k, v in (args.map("hold", {}) or {}).items()
+              if isinstance(v, int | float) and not isinstance(v, bool)},
         fail_restore=args.bool("fail_restore", False),
+        fail_at=args.str("fail_at", None, choices=(
+            *FAULT_POINTS, *(f"target:{p}" for p in TARGET_FAULT_POINTS))),
         baseline=args.bool("baseline", False),
     )
     args.reject_unknown()
-    if (opts.hold or opts.fail_restore) and not ctx.daemon.config.fault_injection:
+    if (opts.hold or opts.fail_restore or opts.fail_at) \
+            and not ctx.daemon.config.fault_injection:
         raise ProtoError(ErrorCode.PERMISSION_DENIED,
-                         "teleport test hooks (hold, fail_restore) are off on this node; "
-                         "they are for test labs (fault_injection = true in cnvmd.toml)")
-    src, _ = _sides(ctx.daemon)
-    if name in src.by_name:
-        t0 = src.by_name[name][0]
+                         "teleport test hooks (hold, fail_restore, fail_at) are off on this "
+                         "node; they are for test labs (fault_injection = true in cnvmd.toml)")
+    engine = _engine(ctx)
+    if name in engine.outgoing:
+        t0 = engine.outgoing[name][0]
         raise ProtoError(ErrorCode.BUSY, f"{name} is already being teleported to {t0.target} "
                          f"(phase {t0.phase}); wait, or `cnvmctl teleport --cancel {name}`")
-    tp = Teleport(ctx.daemon, name, target, opts, ctx.emit)
-    life = ctx.daemon.services.get("lifecycle")
+    tp = Teleport(ctx.daemon, name, target, opts, ctx.emit, criu_bin=engine.criu)
+    life = ctx.daemon.services.require(LIFECYCLE)
     task = asyncio.current_task()
     assert task is not None
-    src.by_name[name] = (tp, task)
+    engine.outgoing[name] = (tp, task)
     try:
-        lock = life.lock(name) if life is not None else contextlib.nullcontext()
-        if life is not None and lock.locked():
+        lock = life.lock(name)
+        if lock.locked():
             raise ProtoError(ErrorCode.BUSY, f"{name} is busy with another operation")
         async with lock:
             report = await tp.run()
     finally:
-        src.by_name.pop(name, None)
+        engine.outgoing.pop(name, None)
     return report.to_dict()
 
 
@@ -197,19 +180,18 @@ async def teleport_cancel(ctx: Context, args: Args) -> dict[str, Any]:
     """Cancel a teleport in flight: the cnvm is resumed where it was (if not yet moved)."""
     name = args.name("name")
     args.reject_unknown()
-    src, _ = _sides(ctx.daemon)
-    entry = src.by_name.get(name)
+    entry = _engine(ctx).outgoing.get(name)
     if entry is None:
         raise ProtoError(ErrorCode.NOT_FOUND, f"no teleport of {name} in flight on "
                          f"{ctx.daemon.node_name}")
     tp, task = entry
-    if tp.committed:
+    if tp.switched:
         raise ProtoError(ErrorCode.CONFLICT, f"{name} already runs on {tp.target}; the "
                          "teleport is only cleaning up")
     task.cancel()
     with contextlib.suppress(BaseException):
         await asyncio.wait({task}, timeout=120)
-    return {"name": name, "cancelled": True, "phase": tp.phase,
+    return {"name": name, "cancelled": True, "phase": str(tp.phase),
             "rolled_back": tp.report.rolled_back}
 
 
@@ -222,53 +204,62 @@ async def teleport_reports(ctx: Context, args: Args) -> dict[str, Any]:
             "reports": await asyncio.to_thread(load_reports, ctx.daemon.state, name)}
 
 
-# --------------------------------------------------------------------------- target ops
+# --------------------------------------------------------------------------- peer ops
 
 
-def _tgt(ctx: Context) -> TargetSide:
-    return _sides(ctx.daemon)[1]
+def _caller(ctx: Context) -> str:
+    node = getattr(ctx, "node", None)
+    if not isinstance(node, str) or not node:
+        raise ProtoError(ErrorCode.PERMISSION_DENIED, "teleport target ops are for members")
+    return node
 
 
-@router.op("teleport.prepare", summary="(peer) target: preflight and prepare a session")
+@peer_router.op("teleport.prepare", summary="target: preflight and prepare a session")
 async def t_prepare(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).prepare(dict(args))
+    msg = wire.Prepare.from_wire(args)
+    return (await _engine(ctx).target.prepare(msg, _caller(ctx))).to_wire()
 
 
-@router.op("teleport.image", summary="(peer) target: register the shipped image, mount rootfs")
+@peer_router.op("teleport.image", summary="target: register the shipped image, mount rootfs")
 async def t_image(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).image(args.str("sid"))
+    msg = wire.SessionRef.from_wire(args, "image")
+    return await _engine(ctx).target.image(msg.sid, _caller(ctx))
 
 
-@router.op("teleport.pages", summary="(peer) target: start a CRIU page server")
+@peer_router.op("teleport.pages", summary="target: start a CRIU page server")
 async def t_pages(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).pages(args.str("sid"), args.int("round", None, min=0),
-                                 args.str("parent", None, pattern=r"round-[0-9]+"))
+    return await _engine(ctx).target.pages(wire.Pages.from_wire(args), _caller(ctx))
 
 
-@router.op("teleport.restore", cancel_on_disconnect=False,
-           summary="(peer) target: restore the cnvm and take it over")
-async def t_restore(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).restore(dict(args))
-
-
-@router.op("teleport.commit", summary="(peer) target: the source let go; keep the history")
-async def t_commit(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).commit(args.str("sid"), args.list("reports", [], of=dict))
-
-
-@router.op("teleport.abort", summary="(peer) target: undo a session")
-async def t_abort(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).abort(args.str("sid"))
-
-
-@router.op("teleport.pagemaps", summary="(peer) target: a pre-dump round's pagemap images")
+@peer_router.op("teleport.pagemaps", summary="target: a pre-dump round's pagemap images")
 async def t_pagemaps(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).pagemaps(args.str("sid"), args.int("round", min=0))
+    return await _engine(ctx).target.pagemaps(wire.Pagemaps.from_wire(args), _caller(ctx))
 
 
-@router.op("teleport.status", summary="(peer) target: where a session stands")
+@peer_router.op("teleport.restore", cancel_on_disconnect=False,
+                summary="target: restore the cnvm and take it over")
+async def t_restore(ctx: Context, args: Args) -> dict[str, Any]:
+    return await _engine(ctx).target.restore(wire.Restore.from_wire(args), _caller(ctx))
+
+
+@peer_router.op("teleport.commit", summary="target: the source let go; keep the history")
+async def t_commit(ctx: Context, args: Args) -> dict[str, Any]:
+    return await _engine(ctx).target.commit(wire.Commit.from_wire(args), _caller(ctx))
+
+
+@peer_router.op("teleport.abort", summary="target: undo a session")
+async def t_abort(ctx: Context, args: Args) -> dict[str, Any]:
+    msg = wire.SessionRef.from_wire(args, "abort")
+    return {"status": str(await _engine(ctx).target.abort(msg.sid, _caller(ctx)))}
+
+
+@peer_router.op("teleport.status", summary="target: where a session stands")
 async def t_status(ctx: Context, args: Args) -> dict[str, Any]:
-    return await _tgt(ctx).status(args.str("sid"))
+    msg = wire.SessionRef.from_wire(args, "status")
+    return {"status": str(await _engine(ctx).target.status(msg.sid, _caller(ctx)))}
 
 
-__all__ = ["TeleportError", "router"]
+plugin = Plugin("migration", requires=("lifecycle", "network", "peers"), router=router,
+                peer_router=peer_router, start=start_teleport, stop=stop_teleport)
+
+__all__ = ["TeleportError", "Teleports", "peer_router", "plugin", "router"]

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnvmd.state import StateError, StateStore
+
 REPORT_VERSION = 1
 
 
@@ -46,11 +48,43 @@ class TeleportReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeleportReport:
-        if int(d.get("version", 1)) > REPORT_VERSION:
-            raise ValueError(f"teleport report version {d['version']} is newer than this cnvmd")
+        """Parse a kept or received report; ValueError if it is not one."""
+        if not isinstance(d, dict):
+            raise ValueError("a report must be a map")
+        version = d.get("version", 1)
+        if not isinstance(version, int) or version > REPORT_VERSION:
+            raise ValueError(f"teleport report version {version!r} is newer than this "
+                             "cnvmd reads (or not a version)")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known["rounds"] = [RoundReport(**r) for r in d.get("rounds", [])]
+        for k in ("cnvm", "source", "target", "mode", "mode_reason", "error"):
+            if not isinstance(known.get(k, ""), str) or len(known.get(k, "")) > 4096:
+                raise ValueError(f"{k} must be a string")
+        rounds = d.get("rounds", [])
+        if not isinstance(rounds, list) or len(rounds) > 1000:
+            raise ValueError("rounds must be a list")
+        known["rounds"] = [RoundReport(str(r["kind"]), int(r["bytes"]), float(r["seconds"]))
+                           for r in rounds]
+        phases = known.get("phases", {})
+        if not isinstance(phases, dict) or len(phases) > 100:
+            raise ValueError("phases must be a map")
         return cls(**known)
+
+
+KIND_REPORTS = "teleports"
+MAX_REPORTS = 10
+
+
+def save_reports(state: StateStore, name: str, reports: list[dict[str, Any]]) -> None:
+    """Keep the last MAX_REPORTS reports of a cnvm (they travel with it); blocking."""
+    state.save(KIND_REPORTS, name, {"reports": reports[-MAX_REPORTS:]})
+
+
+def load_reports(state: StateStore, name: str) -> list[dict[str, Any]]:
+    try:
+        d = state.load(KIND_REPORTS, name)
+    except StateError:
+        return []
+    return list((d or {}).get("reports", []))
 
 
 LOG_CAP = 4 << 20  # bytes kept per log file (its tail): CRIU at -v4 can write a lot

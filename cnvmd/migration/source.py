@@ -1,59 +1,60 @@
 """The source side of a teleport: it drives the whole move and owns the rollback.
 
-Phases (events ``progress`` with phase, round, bytes, rate, eta):
+An explicit state machine. Phases (`Phase`, reported as ``progress`` events):
 
     preflight  refuse what cannot work (own node, unknown node, stopped cnvm, no IP)
     prepare    target: preflight, netns (same IP/MAC, pre-locked, links down)
     layers     image blobs the target lacks, by digest
     upper      overlay upper dir, level-0 tar while the cnvm runs (+ console log)
     precopy    (precopy/hybrid, needs soft-dirty) pre-dump rounds until converged
-    freeze     the cnvm stops: veth down, then per mode
-                 stop-copy  runc pause; checkpoint --leave-running, pages streamed into
-                            the target's page server through the SSH relay
-                 postcopy   checkpoint --lazy-pages (frozen at the status byte), then
-                            runc pause (so that whatever CRIU does next, the tasks stay
-                            frozen until we decide)
-               + final upper delta, CRIU images, log tail
-    restore    target restores, brings its links up, GARP: the target owns the cnvm
-    commit     source releases: container, netns, bundle, record; history moves along
+    freeze     the cnvm stops: paused (cgroup frozen), veth down, then CRIU dumps
+               (stop-copy: pages streamed into the target's page server; postcopy:
+               all but the pages, which CRIU then serves on demand), final upper
+               delta, CRIU images, log tail
+    restore    the target restores, brings its links up, GARP
+    switched   the switchover: the target owns the cnvm (one logged transition)
+    commit     forward cleanup only: container, netns, bundle, record go; history moves
 
-Safety: until `restore` returns success the source is the owner. Any failure or
-cancel before that resumes the source: CRIU stopped (it already let go, or it is
-killed while the cgroup is frozen), TCP sockets taken out of repair mode
-(tcprepair), CRIU's network lock removed, veth up, runc resume; the target is told
-to abort (and aborts by itself when its lease runs out, if it cannot be told).
+Each side effect pushes its undo onto an `UndoStack` as it is made (and onto the
+session journal first, so a restarted daemon can finish the job:
+cnvmd.migration.recovery). Until the switchover any failure or cancel unwinds the
+stack: CRIU stopped while the cgroup stays frozen, network unlocked, veth up,
+neighbours back, TCP sockets out of repair mode, cgroup thawed, target aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import enum
 import logging
 import os
 import shutil
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cnvmd import netlink
+from cnvmd import criu, netlink, proc
+from cnvmd.migration import journal, netmove, precopy, tcprepair, treesync, wire
 from cnvmd.migration import link as links
-from cnvmd.migration import netmove, precopy, tcprepair, treesync
 from cnvmd.migration.policy import Convergence, Decision, Mode, ModeUnavailable, choose_mode
-from cnvmd.migration.report import RoundReport, TeleportReport, keep_logs
-from cnvmd.migration.target import (
-    KIND_CNVMS,
+from cnvmd.migration.report import (
     KIND_REPORTS,
-    cpu_flags,
-    live_caps,
+    RoundReport,
+    TeleportReport,
+    keep_logs,
     load_reports,
     save_reports,
 )
+from cnvmd.migration.undo import UndoStack
 from cnvmd.runtime import Runc, RuncError, _umount_under
+from cnvmd.services import LIFECYCLE, PEERS
 from proto.messages import ErrorCode, ProtoError
+
+if TYPE_CHECKING:
+    from cnvmd.lifecycle import Lifecycle
 
 log = logging.getLogger("cnvmd.teleport")
 
@@ -61,10 +62,45 @@ Emit = Callable[[str, dict[str, Any]], None]
 PREDUMP_ATTEMPTS = 3  # per pre-copy round: a pre-dump can lose a race with exiting tasks
 
 
+class Phase(enum.StrEnum):
+    PREFLIGHT = "preflight"
+    PREPARE = "prepare"
+    LAYERS = "layers"
+    UPPER = "upper"
+    PRECOPY = "precopy"
+    FREEZE = "freeze"
+    RESTORE = "restore"
+    SWITCHED = "switched"
+    COMMIT = "commit"
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+
+
+class Effect(enum.StrEnum):
+    """Side effects of the source, each with its undo (see `SourceUndo`)."""
+
+    TARGET_PREPARED = "target_prepared"
+    PAUSED = "paused"
+    ISOLATED = "isolated"
+    CRIU = "criu"
+
+
+class Step(enum.StrEnum):
+    """Milestones without an undo of their own; fault hooks may fail right after them."""
+
+    UPPER_SENT = "upper_sent"
+    PAGE_RELAY = "page_relay"
+    DUMPED = "dumped"
+    IMAGES_SENT = "images_sent"
+
+
+FAULT_POINTS = tuple(str(x) for x in (*Effect, *Step))
+
+
 class TeleportError(ProtoError):
     """A teleport failed; `report` says how far it got and that the source resumed."""
 
-    def __init__(self, code: ErrorCode, message: str, report: TeleportReport) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, report: TeleportReport) -> None:
         super().__init__(code, message, {"report": report.to_dict()})
         self.report = report
 
@@ -76,66 +112,175 @@ class Options:
     max_rounds: int = 8
     lease: float = 30.0
     hold: dict[str, float] = field(default_factory=dict)
-    """Test hook: sleep this long at the start of a phase (fault tests cut links then)."""
+    """Test hook: sleep this long at a phase boundary (fault tests cut links then)."""
     fail_restore: bool = False
     """Test hook: the target corrupts the shipped images before restoring."""
+    fail_at: str | None = None
+    """Test hook: fail right after this source effect/step (or, prefixed ``target:``,
+    after that step on the target)."""
     baseline: bool = False
     """Bench only: the seed's method (dump everything to disk, then copy it, then
     restore) instead of streaming pages, to compare against in the same run."""
+
+
+class SourceUndo:
+    """The undo of every source effect, from data a journal also holds: the live
+    engine and a restarted daemon (recovery) unwind with these same functions."""
+
+    def __init__(self, runc: Runc, j: journal.SourceJournal, sdir: Path,
+                 link: links.NodeLink | None) -> None:
+        self.runc = runc
+        self.j = j
+        self.dir = sdir
+        self.link = link
+        self.ck: asyncio.Task[None] | None = None
+        self.ck_dumped = False  # CRIU finished dumping (a lazy dump then serves pages)
+        self.relay: links.Relay | None = None
+
+    def undo(self, effect: str) -> Callable[[], Awaitable[None]]:
+        fn = {Effect.TARGET_PREPARED: self.abort_target, Effect.PAUSED: self.resume,
+              Effect.ISOLATED: self.reconnect, Effect.CRIU: self.stop_criu}[Effect(effect)]
+        return fn
+
+    async def stop_criu(self) -> None:
+        """CRIU lets go of the tasks; the cgroup stays frozen (PAUSED is undone later),
+        and CRIU's network lock goes."""
+        ck = self.ck
+        if ck is not None and not ck.done():
+            if not self.ck_dumped:
+                # Inside the dump (parasite code in the tasks): let it end by itself (a
+                # cut page-server link fails it cleanly). A lazy dump never ends by itself
+                # (it then serves pages): its dump part is short.
+                await asyncio.wait({ck}, timeout=10 if self.j.lazy else 120)
+            if not ck.done():
+                # CRIU thawed the cgroup after seizing the tasks: freeze it again, so
+                # that they stay frozen when killing CRIU lets them go.
+                await self.runc.freeze(self.j.name)
+                ck.cancel()  # kills runc + CRIU (process group)
+            with contextlib.suppress(BaseException):
+                await ck
+        elif ck is None:
+            # a restarted daemon: runc checkpoint / CRIU of this session may still run
+            await self.runc.freeze(self.j.name)
+            await asyncio.to_thread(kill_session_procs, self.dir)
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.close()
+            self.relay = None
+        if self.j.netns:
+            await netlink.unlock(os.path.basename(self.j.netns))
+
+    async def reconnect(self) -> None:
+        """veth up, neighbours back (carrier loss flushed them; a peer off the flood list
+        could never answer a new ARP), then TCP repair off, whose window probe now
+        reaches the peer (it makes the client retransmit at once)."""
+        await netmove.reconnect(self.j.host_veth or None)
+        if self.j.neighbors and self.j.netns:
+            with contextlib.suppress(Exception):
+                await netmove.add_neighbors(self.j.netns, self.j.neighbors)
+        if self.j.netns:
+            pids = await asyncio.to_thread(tcprepair.pids_in_netns, self.j.netns)
+            n = await asyncio.to_thread(tcprepair.repair_off, pids)
+            if n:
+                log.info("teleport %s: repair off on %d socket(s)", self.j.sid, n)
+
+    async def resume(self) -> None:
+        st = await self.runc.state(self.j.name)
+        if st is not None and st.status == "paused":
+            await self.runc.resume(self.j.name)
+
+    async def abort_target(self) -> None:
+        if self.link is None:
+            return
+        try:
+            await self.link.call("teleport.abort", wire.SessionRef(self.j.sid).to_wire(),
+                                 timeout=10)
+        except ProtoError as exc:
+            log.warning("teleport %s: target %s not told to abort (%s); it aborts when its "
+                        "lease ends", self.j.sid, self.j.target, exc.message)
+
+
+def kill_session_procs(sdir: Path) -> int:
+    """Kill the process groups of runc/CRIU commands whose argv names this session dir
+    (what a killed daemon left running). Blocking: /proc scan."""
+    key = str(sdir).encode()
+    n = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        if key in argv:
+            with contextlib.suppress(OSError):
+                proc.kill_group(int(d))
+                n += 1
+    return n
 
 
 class Teleport:
     """One teleport of cnvm `name` from this node to `target`."""
 
     def __init__(self, daemon: Any, name: str, target: str, opts: Options,
-                 emit: Emit | None = None) -> None:
+                 emit: Emit | None = None, criu_bin: str | None = None) -> None:
         self.daemon = daemon
         self.name = name
         self.target = target
         self.opts = opts
         self._emit = emit or (lambda _e, _d: None)
-        self.node = daemon.config.node_name
-        self.sid = f"{name}-{uuid.uuid4().hex[:10]}"
+        self.node: str = daemon.config.node_name
+        self.sid = wire.new_sid()
         self.dir = Path(daemon.config.state_dir) / "teleport" / "out" / self.sid
         cfg = daemon.config
-        criu = daemon.services.get("teleport.criu") or cfg.criu
-        self.runc = Runc(cfg.runc_root, cfg.runc, criu)
+        self.runc = Runc(cfg.runc_root, cfg.runc, criu_bin or cfg.criu)
         self.report = TeleportReport(name, self.node, target)
         self.link: links.NodeLink | None = None
-        self.committed = False
+        self.phase = Phase.PREFLIGHT
+        self.j = journal.SourceJournal(sid=self.sid, name=name, target=target)
+        src_fail = opts.fail_at if opts.fail_at and not opts.fail_at.startswith("target:") \
+            else None
+        self.stack = UndoStack(self._journal_effects, fail_at=src_fail)
+        self.u = SourceUndo(self.runc, self.j, self.dir, None)
         self.lazy_port: int | None = None
-        self.phase = "preflight"
         self._t0 = time.monotonic()
         self._phase_t = self._t0
-        self._ck: asyncio.Task[None] | None = None
-        self._ck_ready = False  # CRIU finished dumping (the rest is serving pages)
-        self._paused = False
-        self._isolated = False
-        self._prepared = False
-        self._relay: Any = None
         self._parent: list[str] = []  # --parent-path of the final dump after pre-dumps
-        self._last_round: int | None = None  # the final dump's parent dir round-K
-        self._last_dir: int | None = None  # the last good pre-dump dir (round-K)
+        self._last_round: int | None = None  # the final dump's parent round
+        self._last_dir: int | None = None  # the last good pre-dump round
         self._seq = 0  # pre-dump dirs made (attempts, also failed ones)
         self.wire = 0
-        self.netns = ""
-        self.host_veth: str | None = None
-        self.neigh: list[dict[str, str]] = []
         self.vteps: dict[str, str] = {}
 
-    # ---- events
+    @property
+    def switched(self) -> bool:
+        return self.phase in (Phase.SWITCHED, Phase.COMMIT, Phase.DONE)
+
+    # ---- events and journal
 
     def emit_progress(self, **data: Any) -> None:
-        data.setdefault("phase", self.phase)
+        data.setdefault("phase", str(self.phase))
         data.setdefault("elapsed", round(time.monotonic() - self._t0, 3))
         self._emit("progress", data)
 
-    def enter(self, phase: str) -> None:
+    async def enter(self, phase: Phase) -> None:
         now = time.monotonic()
-        self.report.phases[self.phase] = round(
-            self.report.phases.get(self.phase, 0.0) + now - self._phase_t, 4)
+        self.report.phases[str(self.phase)] = round(
+            self.report.phases.get(str(self.phase), 0.0) + now - self._phase_t, 4)
         self.phase, self._phase_t = phase, now
-        self.emit_progress(phase=phase)
+        self.j.phase = str(phase)
+        if await asyncio.to_thread(self.dir.is_dir):
+            await asyncio.to_thread(journal.save, self.dir, self.j)
+        self.emit_progress(phase=str(phase))
+        await self._hold(str(phase))
+
+    async def _journal_effects(self, effects: list[str]) -> None:
+        self.j.effects = effects
+        await asyncio.to_thread(journal.save, self.dir, self.j)
+
+    async def effect(self, e: Effect) -> None:
+        await self.stack.push(str(e), self.u.undo(e))
 
     async def _hold(self, phase: str) -> None:
         secs = self.opts.hold.get(phase)
@@ -145,10 +290,10 @@ class Teleport:
 
     # ---- streams
 
-    async def _stream(self, args: dict[str, Any], produce: Callable[[Any], Any]) -> int:
+    async def _stream(self, hdr: wire.DataHeader, produce: Callable[[Any], Any]) -> int:
         """Open a data stream to the target, let `produce(stream)` write, check trailer."""
         assert self.link is not None
-        stream = await self.link.open_stream({"sid": self.sid, **args})
+        stream = await self.link.open_stream(hdr.to_wire())
         try:
             await produce(stream)
             stream.write_eof()
@@ -157,12 +302,13 @@ class Teleport:
             stream.close()
         if not ans or not ans.get("ok"):
             raise ProtoError.from_wire((ans or {}).get("error") or {
-                "code": "unavailable", "message": f"{self.target}: stream {args} cut"})
+                "code": "unavailable", "message": f"{self.target}: {hdr.what} stream cut"})
         n = int(ans.get("bytes", 0))
         self.wire += n
         return n
 
-    async def send_tree(self, what: str, src: Path, snapshot: Path, total: int = 0) -> int:
+    async def send_tree(self, what: wire.DataKind, src: Path, snapshot: Path,
+                        total: int = 0) -> int:
         sent = 0
         t0 = time.monotonic()
 
@@ -177,17 +323,17 @@ class Teleport:
                 rate = sent / dt if dt > 0 else 0
                 eta = (total - sent) / rate if rate and total > sent else 0
                 self.emit_progress(done=sent, total=total or None, unit="bytes",
-                                   rate=round(rate), eta=round(eta, 2), what=what)
+                                   rate=round(rate), eta=round(eta, 2), what=str(what))
 
-            if what == "images":  # plain tar: must not delete the pages already there
+            if what is wire.DataKind.IMAGES:  # plain tar: keep the pages already there
                 await pack_plain(src, sink)
             else:
                 await treesync.pack(src, snapshot, sink)
 
-        return await self._stream({"what": what}, produce)
+        return await self._stream(wire.DataHeader(self.sid, what), produce)
 
-    async def send_file(self, what: str, path: Path, offset: int, end: int,
-                        extra: dict[str, Any] | None = None) -> int:
+    async def send_file(self, what: wire.DataKind, path: Path, offset: int, end: int,
+                        digest: str | None = None) -> int:
         async def produce(stream: Any) -> None:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
             try:
@@ -199,11 +345,11 @@ class Teleport:
                         break
                     await stream.write(data)
                     pos += len(data)
-                    self.emit_progress(done=pos, total=end, unit="bytes", what=what)
+                    self.emit_progress(done=pos, total=end, unit="bytes", what=str(what))
             finally:
                 os.close(fd)
 
-        return await self._stream({"what": what, "offset": offset, **(extra or {})}, produce)
+        return await self._stream(wire.DataHeader(self.sid, what, offset, digest), produce)
 
     # ---- the teleport
 
@@ -215,17 +361,17 @@ class Teleport:
             cancelled = isinstance(exc, asyncio.CancelledError)
             r.error = "cancelled" if cancelled else (
                 exc.message if isinstance(exc, ProtoError) else f"{type(exc).__name__}: {exc}")
-            if not self.committed and (self._prepared or self._ck is not None):
+            prepared = str(Effect.TARGET_PREPARED) in self.stack
+            if not self.switched:
                 await asyncio.shield(self._rollback())
             r.total_seconds = round(time.monotonic() - self._t0, 4)
-            await asyncio.shield(self._keep_report(moved=False))
+            await asyncio.shield(self._keep_report(moved=False, prepared=prepared))
             if cancelled:
                 raise TeleportError(ErrorCode.CANCELLED, f"teleport of {self.name} cancelled; "
                                     f"it keeps running on {self.node}", r) from None
-            if isinstance(exc, ProtoError) and exc.code in (ErrorCode.INVALID_ARGUMENT,
-                                                            ErrorCode.NOT_FOUND,
-                                                            ErrorCode.CONFLICT) \
-                    and not self._prepared:
+            if isinstance(exc, ProtoError) and exc.code in (
+                    ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.CONFLICT,
+                    ErrorCode.UNSUPPORTED_VERSION) and not prepared:
                 raise
             where = f"; {self.name} keeps running on {self.node}" if r.rolled_back else ""
             code = exc.code if isinstance(exc, ProtoError) else ErrorCode.FAILED
@@ -236,9 +382,9 @@ class Teleport:
         return r
 
     async def _close(self) -> None:
-        if self._relay is not None:
+        if self.u.relay is not None:
             with contextlib.suppress(Exception):
-                await self._relay.close()
+                await self.u.relay.close()
         with contextlib.suppress(OSError):
             await asyncio.to_thread(keep_logs, self.dir, self.daemon.config.state_dir,
                                     self.name, "source")
@@ -248,17 +394,15 @@ class Teleport:
     async def _run(self) -> None:
         r = self.report
         d = self.daemon
-        life = d.services.get("lifecycle")
         if self.target == self.node:
             raise ProtoError(ErrorCode.INVALID_ARGUMENT,
                              f"{self.name} already runs on {self.node}: pick another node")
-        svc = links.peer_service(d)
+        svc = d.services.require(PEERS)
         if self.target not in links.member_names(svc):
             raise ProtoError(ErrorCode.NOT_FOUND,
                              f"unknown node {self.target!r}: not a member of this cluster "
                              "(see `cnvmctl nodes`)")
-        if life is None:
-            raise ProtoError(ErrorCode.UNAVAILABLE, "the lifecycle service is not running")
+        life: Lifecycle = d.services.require(LIFECYCLE)
         rec = await life.record(self.name)
         if rec is None:
             raise ProtoError(ErrorCode.NOT_FOUND, f"no cnvm named {self.name!r} on {self.node}")
@@ -268,109 +412,123 @@ class Teleport:
                              f"cnvm {self.name} is {st.status if st else 'stopped'}: only a "
                              "running cnvm can be teleported (start it first)")
         paths = life.paths(self.name)
-        self.netns = rec.get("netns") or ""
-        if not self.netns:
+        netns = str(rec.get("netns") or "")
+        if not netns:
             raise ProtoError(ErrorCode.FAILED, f"cnvm {self.name} has no network namespace")
-        info = await netmove.describe(self.netns)
+        info = await netmove.describe(netns)
         if info is None:
             raise ProtoError(ErrorCode.FAILED, f"cnvm {self.name} has no IPv4 address on eth0: "
                              "nothing to keep reachable")
-        self.host_veth = await netmove.host_peer(self.netns)
-        config = await asyncio.to_thread(lambda: json.loads(paths.config.read_text()))
+        self.j.netns = netns
+        self.j.host_veth = await netmove.host_peer(netns) or ""
+        try:
+            spec = wire.CnvmSpec.from_record(rec)
+        except ProtoError as exc:
+            raise ProtoError(ErrorCode.FAILED, f"cnvm {self.name}'s record cannot travel: "
+                             f"{exc.message}") from None
         img = life.images.resolve(rec["image_id"])
-        image = {"id": img.id, "manifest": img.manifest_digest, "config": img.config_digest,
-                 "layers": [x.digest for x in img.layers],
-                 "name": img.names[0] if img.names else None}
-        pids = await asyncio.to_thread(tcprepair.pids_in_netns, self.netns)
+        image = wire.ImageRef(id=img.id, manifest=img.manifest_digest,
+                              config=img.config_digest,
+                              layers=tuple(x.digest for x in img.layers),
+                              name=img.names[0] if img.names else None)
+        pids = await asyncio.to_thread(tcprepair.pids_in_netns, netns)
         mem = await asyncio.to_thread(_rss, pids)
         upper_size = await asyncio.to_thread(_du, paths.upper)
-        src_caps = live_caps(d)
+        src_caps = criu.live_caps(d.caps, d.caps_error)
         self.link = links.PeerLink(svc, self.target)
+        self.u.link = self.link
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(journal.save, self.dir, self.j)
 
         # ---- prepare on the target
-        self.enter("prepare")
+        await self.enter(Phase.PREPARE)
         # A harmless round trip first: a cached SSH connection that died (link cut,
         # peer restarted) fails here and is replaced on the retry.
         for attempt in range(3):
             try:
-                await self.link.call("teleport.status", {"sid": self.sid}, timeout=5)
+                await self.link.call("teleport.status", wire.SessionRef(self.sid).to_wire(),
+                                     timeout=5)
                 break
             except ProtoError as exc:
                 if attempt == 2 or exc.code != ErrorCode.UNAVAILABLE:
                     raise
                 await asyncio.sleep(0.2)
-        prep = await self.link.call("teleport.prepare", {
-            "sid": self.sid, "name": self.name, "source": self.node, "mode": self.opts.mode,
-            "criu_version": src_caps.get("criu_version"), "memory": mem,
-            "disk": upper_size + mem + (16 << 20), "net": info.to_wire(), "record": rec,
-            "config": config, "image": image, "lease": self.opts.lease,
-            "cpu_flags": await asyncio.to_thread(cpu_flags)}, timeout=60)
-        self._prepared = True
+        prep_msg = wire.Prepare(
+            sid=self.sid, mode=Mode(self.opts.mode), spec=spec, image=image, net=info,
+            criu_version=str(src_caps.get("criu_version") or "0"), memory=mem,
+            disk=upper_size + mem + (16 << 20), lease=self.opts.lease,
+            cpu_flags=tuple(await asyncio.to_thread(criu.cpu_flags)))
+        await self.effect(Effect.TARGET_PREPARED)
+        prep = wire.PrepareReply.from_wire(
+            await self.link.call("teleport.prepare", prep_msg.to_wire(), timeout=60))
+        self.stack.done(Effect.TARGET_PREPARED)
         try:
-            mode, why = choose_mode(self.opts.mode, src_caps, prep["caps"])
+            mode, why = choose_mode(self.opts.mode, src_caps, prep.caps)
         except ModeUnavailable as exc:
             raise ProtoError(ErrorCode.FAILED, f"mode {self.opts.mode}: {exc}") from None
         r.mode, r.mode_reason = str(mode), why
+        self.j.mode = str(mode)
+        self.j.lazy = mode in (Mode.POSTCOPY, Mode.HYBRID) and not self.opts.baseline
         self.emit_progress(mode=str(mode), why=why)
 
         # ---- image layers the target lacks
-        missing = list(prep.get("missing_blobs") or [])
-        if missing:
-            self.enter("layers")
-            for dg in missing:
+        if prep.missing_blobs:
+            await self.enter(Phase.LAYERS)
+            for dg in prep.missing_blobs:
                 p = life.images.blob_path(dg)
                 size = (await asyncio.to_thread(p.stat)).st_size
-                await self.send_file("blob", p, 0, size, {"digest": dg})
-            await self.link.call("teleport.image", {"sid": self.sid}, timeout=120)
+                await self.send_file(wire.DataKind.BLOB, p, 0, size, dg)
+            await self.link.call("teleport.image", wire.SessionRef(self.sid).to_wire(),
+                                 timeout=120)
 
         # ---- upper dir round 0 and the log so far, while the cnvm runs
-        self.enter("upper")
+        await self.enter(Phase.UPPER)
         snap = self.dir / "upper.snar"
         t = time.monotonic()
-        n0 = await self.send_tree("upper", paths.upper, snap, upper_size)
+        n0 = await self.send_tree(wire.DataKind.UPPER, paths.upper, snap, upper_size)
         r.rounds.append(RoundReport("upper0", n0, round(time.monotonic() - t, 4)))
-        log_path = Path(rec.get("log") or paths.console_log)
+        log_path = paths.console_log
         log_off = await asyncio.to_thread(_size, log_path)
         if log_off:
-            await self.send_file("log", log_path, 0, log_off)
+            await self.send_file(wire.DataKind.LOG, log_path, 0, log_off)
+        self.stack.done(Step.UPPER_SENT)
 
         if mode in (Mode.PRECOPY, Mode.HYBRID):
-            await self._precopy(mode, src_caps, prep["caps"])
+            await self._precopy(mode, src_caps, prep.caps)
 
         await self._hold("transfer")
-        if mode in (Mode.STOP_COPY, Mode.PRECOPY) and not self.opts.baseline:
+        stream_pages = mode in (Mode.STOP_COPY, Mode.PRECOPY) and not self.opts.baseline
+        if stream_pages:
             # the target's page server and our relay to it, before the cnvm stops
-            ps = await self.link.call("teleport.pages", self._pages_args(), timeout=30)
-            self._relay = await self.link.relay(ps["port"])
+            ps = await self.link.call("teleport.pages", self._pages_msg().to_wire(),
+                                      timeout=30)
+            self.u.relay = await self.link.relay(_port(ps))
+            self.stack.done(Step.PAGE_RELAY)
+
         # ---- freeze and final copy
-        self.enter("freeze")
+        await self.enter(Phase.FREEZE)
         t_freeze = time.monotonic()
         if self.opts.baseline:
             r.mode, r.mode_reason = "seed", "baseline: dump to disk, copy, restore"
-            await self._freeze_dump(paths, snap, stream_pages=False)
-        elif mode is Mode.POSTCOPY or (mode is Mode.HYBRID):
-            await self._freeze_lazy(paths, snap)
-        else:
-            await self._freeze_dump(paths, snap)
+        await self._freeze(paths, snap, lazy=self.j.lazy)
         size_now = await asyncio.to_thread(_size, log_path)
         if size_now > log_off:
-            await self.send_file("log", log_path, log_off, size_now)
+            await self.send_file(wire.DataKind.LOG, log_path, log_off, size_now)
         await self._hold("frozen")
 
         # ---- restore on the target: the switchover
-        self.enter("restore")
-        res = await self._restore(mode)
-        self.committed = True
+        await self.enter(Phase.RESTORE)
+        res = await self._restore()
+        await self._switch()
         t_run = time.monotonic()
         r.frozen_seconds = round(t_run - t_freeze, 4)
-        r.phases["restore_target"] = res.get("timings", {})  # type: ignore[assignment]
+        r.phases["restore_target"] = res.get("timings", {})
         self.emit_progress(phase="running", node=self.target, frozen=r.frozen_seconds)
 
-        # ---- commit: the source lets go
-        self.enter("commit")
+        # ---- commit: the source lets go (forward only)
+        await self.enter(Phase.COMMIT)
         # Past the switchover a cancel can only leave garbage behind: finish the release.
-        rel = asyncio.ensure_future(self._release(mode, paths))
+        rel = asyncio.ensure_future(self._release(mode, life))
         while not rel.done():
             try:
                 await asyncio.shield(rel)
@@ -381,8 +539,247 @@ class Teleport:
         rel.result()
         r.ok = True
         r.total_seconds = round(time.monotonic() - self._t0, 4)
-        self.enter("done")
-        await self._keep_report(moved=True)
+        await self.enter(Phase.DONE)
+        await self._keep_report(moved=True, prepared=True)
+
+    async def _switch(self) -> None:
+        """The one transition after which the target owns the cnvm: nothing is undone
+        any more (the stack is dropped), only forward cleanup follows."""
+        self.stack.forget()
+        self.j.effects = []
+        await self.enter(Phase.SWITCHED)
+        log.info("teleport %s: switchover: %s now runs on %s", self.sid, self.name,
+                 self.target, extra={"cnvm": self.name, "sid": self.sid})
+
+    # ---- freeze
+
+    async def _freeze(self, paths: Any, snap: Path, *, lazy: bool) -> None:
+        """Pause (cgroup frozen), isolate, then CRIU: stop-copy streams pages into the
+        target's page server; postcopy (lazy) dumps all but the pages and then serves
+        them on demand. The order makes the unwind right: CRIU lets go first while
+        the tasks stay frozen, then veth up + repair off, then thaw."""
+        assert self.link is not None
+        await self._grab_neighbors()
+        await self.effect(Effect.PAUSED)
+        await self.runc.pause(self.name)
+        self.stack.done(Effect.PAUSED)
+        await self.effect(Effect.ISOLATED)
+        await netmove.isolate(self.j.host_veth or None)
+        self.stack.done(Effect.ISOLATED)
+        t = time.monotonic()
+        if lazy:
+            await self._dump_lazy()
+        else:
+            await self._dump_streamed(paths, snap)
+            self.report.rounds.append(RoundReport("dump", self._relay_bytes(),
+                                                  round(time.monotonic() - t, 4)))
+            t = time.monotonic()
+        if lazy:
+            self.report.rounds.append(RoundReport("dump", 0, round(time.monotonic() - t, 4)))
+            _, n_img = await asyncio.gather(
+                self.send_tree(wire.DataKind.UPPER, paths.upper, snap),
+                self.send_tree(wire.DataKind.IMAGES, self.dir / "images",
+                               self.dir / "images.snar"))
+        else:
+            n_img = await self.send_tree(wire.DataKind.IMAGES, self.dir / "images",
+                                         self.dir / "images.snar")
+        self.report.rounds.append(RoundReport("images", n_img, 0.0))
+        self.stack.done(Step.IMAGES_SENT)
+
+    def _relay_bytes(self) -> int:
+        rl = self.u.relay
+        return rl.bytes_up if rl is not None else 0
+
+    async def _dump_streamed(self, paths: Any, snap: Path) -> None:
+        """Stop-and-copy: the dump streams its pages into the target's page server
+        (or, for the baseline, to local disk first)."""
+        relay = self.u.relay
+        await self.effect(Effect.CRIU)
+        self.u.ck = asyncio.create_task(self.runc.checkpoint(
+            self.name, self.dir / "images", work_dir=self.dir / "work", tcp_established=True,
+            leave_running=True,
+            page_server=f"127.0.0.1:{relay.port}" if relay is not None else None,
+            extra_args=self._parent, timeout=300))
+        self.stack.done(Effect.CRIU)
+        delta = asyncio.create_task(self.send_tree(wire.DataKind.UPPER, paths.upper, snap))
+        try:
+            await asyncio.gather(asyncio.shield(self.u.ck), delta)
+        except BaseException:
+            delta.cancel()
+            raise
+        self.u.ck_dumped = True
+        if relay is not None:
+            await _settle(relay)
+            self.wire += relay.bytes_up + relay.bytes_down
+        self.stack.done(Step.DUMPED)
+
+    async def _dump_lazy(self) -> None:
+        """Post-copy: CRIU dumps all but the pages and then serves them on demand; we go
+        on at its status byte (images ready)."""
+        self.lazy_port = links.free_port()
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        loop = asyncio.get_running_loop()
+        try:
+            await self.effect(Effect.CRIU)
+            ck = self.u.ck = asyncio.create_task(self.runc.checkpoint(
+                self.name, self.dir / "images", work_dir=self.dir / "work",
+                tcp_established=True, lazy_pages=True,
+                page_server=f"127.0.0.1:{self.lazy_port}", status_fd=wfd,
+                extra_args=self._parent, timeout=None))
+            self.stack.done(Effect.CRIU)
+            ready: asyncio.Future[None] = loop.create_future()
+            def on_ready() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(rfd, on_ready)
+            try:
+                done, _ = await asyncio.wait({ck, ready}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(rfd)
+            if ready not in done:
+                ck.result()  # raises the checkpoint's error
+                raise ProtoError(ErrorCode.FAILED, "checkpoint ended before the status byte")
+            data = b""
+            with contextlib.suppress(BlockingIOError):
+                data = os.read(rfd, 1)
+            if data != b"\0":
+                await asyncio.wait({ck}, timeout=5)
+                if ck.done():
+                    ck.result()
+                raise ProtoError(ErrorCode.FAILED, "CRIU did not report its images ready")
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        self.u.ck_dumped = True
+        self.stack.done(Step.DUMPED)
+
+    async def _grab_neighbors(self) -> None:
+        try:
+            self.j.neighbors = await netmove.neighbors(self.j.netns)
+            self.vteps = await netmove.vteps([e["mac"] for e in self.j.neighbors])
+        except Exception as exc:
+            self.vteps = {}
+            log.warning("cannot read the neighbours of %s: %s", self.name, exc)
+
+    # ---- the switchover request
+
+    async def _restore(self) -> dict[str, Any]:
+        """Ask the target to restore. An answer lost on the way (delivery unknown) is
+        resolved by asking the target's status before deciding."""
+        assert self.link is not None
+        fail_at = self.opts.fail_at
+        msg = wire.Restore(
+            sid=self.sid,
+            neighbors=tuple(wire.Neighbor.from_wire(n) for n in self.j.neighbors
+                            if _neighbor_ok(n)),
+            vteps=tuple(sorted(self.vteps.items())), lazy=self.j.lazy,
+            fail_restore=self.opts.fail_restore,
+            fail_at=fail_at.removeprefix("target:") if fail_at and
+            fail_at.startswith("target:") else None)
+        # A cheap round trip first: a target that is gone (daemon dead, link cut) is
+        # found out here, before any restore request could have reached it.
+        await self.link.call("teleport.status", wire.SessionRef(self.sid).to_wire(), timeout=3)
+        try:
+            return dict(await self.link.call("teleport.restore", msg.to_wire(), timeout=60))
+        except ProtoError as exc:
+            if wire.delivery(exc) is not wire.Delivery.UNKNOWN:
+                raise  # refused, failed, or never sent: not restored
+            status = await self._resolve_outcome()
+            if status in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
+                return {"status": "running", "recovered": True}
+            raise
+
+    async def _resolve_outcome(self) -> wire.TargetStatus:
+        """Ask until the target answers or its lease has surely run out (a target that
+        never heard of the restore aborts by itself by then)."""
+        assert self.link is not None
+        deadline = time.monotonic() + self.opts.lease + 5
+        while time.monotonic() < deadline:
+            try:
+                st = wire.status_from_wire(await self.link.call(
+                    "teleport.status", wire.SessionRef(self.sid).to_wire(), timeout=3))
+            except ProtoError:
+                await asyncio.sleep(1)
+                continue
+            if st is wire.TargetStatus.RESTORING:
+                await asyncio.sleep(0.5)
+                continue
+            return st
+        return wire.TargetStatus.UNKNOWN
+
+    # ---- after the switchover
+
+    async def _release(self, mode: Mode, life: Lifecycle) -> None:
+        """The target runs the cnvm: free everything here (the frozen copy first)."""
+        ck = self.u.ck
+        if ck is not None and not ck.done():
+            # postcopy: CRIU still serves pages; thaw so that it can end the tasks.
+            with contextlib.suppress(RuncError):
+                await self.runc.resume(self.name)
+            t = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(ck), 300)
+                self.report.phases["pages_after_restore"] = round(time.monotonic() - t, 4)
+            except (TimeoutError, RuncError) as exc:
+                log.error("lazy page server on %s ended badly: %s", self.node, exc)
+                ck.cancel()
+        await life.release(self.name)
+        self.daemon.adopted.pop(self.name, None)
+        with contextlib.suppress(Exception):  # the IP stays the cnvm's: no IPAM release
+            await netmove.plumbing(self.daemon).destroy(self.name)
+        if self.j.host_veth:
+            with contextlib.suppress(Exception):
+                await netlink.link_del(self.j.host_veth)
+        await netlink.netns_del(os.path.basename(self.j.netns))
+        assert self.link is not None
+        hist = await asyncio.to_thread(load_reports, self.daemon.state, self.name)
+        self.report.total_seconds = round(time.monotonic() - self._t0, 4)
+        self.report.ok = True
+        try:
+            ans = await self.link.call("teleport.commit", wire.Commit(
+                self.sid, tuple([*hist, self._wire_report()][-wire.MAX_REPORTS:])).to_wire(),
+                timeout=120)
+            lazy = int(ans.get("relay_bytes", 0))  # lazy pages, pulled by the target
+            self.wire += lazy
+            if mode is Mode.POSTCOPY or mode is Mode.HYBRID:
+                self.report.rounds.append(RoundReport(
+                    "lazy", lazy, self.report.phases.get("pages_after_restore", 0.0)))
+        except ProtoError as exc:
+            log.warning("commit on %s failed (the cnvm runs there): %s", self.target, exc)
+
+    def _wire_report(self) -> dict[str, Any]:
+        self.report.wire_bytes = self.wire
+        return self.report.to_dict()
+
+    async def _keep_report(self, *, moved: bool, prepared: bool) -> None:
+        self.report.wire_bytes = self.wire
+        state = self.daemon.state
+        if moved:
+            await asyncio.to_thread(state.delete, KIND_REPORTS, self.name)
+            return
+        hist = await asyncio.to_thread(load_reports, state, self.name)
+        if prepared:  # refusals before contacting the target are not teleports
+            await asyncio.to_thread(save_reports, state, self.name,
+                                    [*hist, self.report.to_dict()])
+
+    # ---- rollback
+
+    async def _rollback(self) -> None:
+        """Unwind the stack: the cnvm runs here again with its state and connections."""
+        r = self.report
+        t = time.monotonic()
+        steps = await self.stack.unwind()
+        st = await self.runc.state(self.name)
+        r.rolled_back = st is not None and st.status == "running"
+        if not r.rolled_back:
+            log.error("rollback of %s: container is %s", self.name, st)
+        r.phases["rollback"] = round(time.monotonic() - t, 4)
+        self.phase = Phase.ROLLED_BACK
+        log.warning("teleport %s of %s to %s rolled back: undid %s", self.sid, self.name,
+                    self.target, ", ".join(steps) or "nothing")
+        self.emit_progress(phase="rolled back", steps=steps)
 
     # ---- precopy rounds (needs soft-dirty tracking on both nodes)
 
@@ -391,7 +788,7 @@ class Teleport:
             raise ProtoError(ErrorCode.FAILED, f"{mode} needs dirty-memory tracking on both "
                              "nodes")
         assert self.link is not None
-        self.enter("precopy")
+        await self.enter(Phase.PRECOPY)
         conv = Convergence(max_downtime=self.opts.max_downtime, max_rounds=self.opts.max_rounds)
 
         async def dump_round(i: int) -> int:
@@ -443,13 +840,12 @@ class Teleport:
         k = self._seq
         self._seq += 1
         parent = self._last_dir
-        pargs: dict[str, Any] = {"sid": self.sid, "round": k}
         extra = ["--pre-dump"]
         if parent is not None:
-            pargs["parent"] = f"round-{parent}"
             extra += ["--parent-path", f"../round-{parent}"]
-        ps = await self.link.call("teleport.pages", pargs, timeout=30)
-        relay = await self.link.relay(ps["port"])
+        ps = await self.link.call("teleport.pages",
+                                  wire.Pages(self.sid, k, parent).to_wire(), timeout=30)
+        relay = await self.link.relay(_port(ps))
         work = self.dir / f"work-{k}"
         try:
             await self.runc.checkpoint(self.name, self.dir / f"round-{k}", work_dir=work,
@@ -478,278 +874,20 @@ class Teleport:
         """
         assert self.link is not None and self._last_dir is not None
         k = self._last_dir
-        ans = await self.link.call("teleport.pagemaps", {"sid": self.sid, "round": k},
-                                   timeout=60)
-        files = {str(n): bytes(b) for n, b in dict(ans.get("files") or {}).items()}
+        files = wire.pagemap_files_from_wire(await self.link.call(
+            "teleport.pagemaps", wire.Pagemaps(self.sid, k).to_wire(), timeout=60))
         d = self.dir / f"round-{k}"
 
         def write() -> None:
-            for n, b in files.items():
-                if "/" in n or not n.startswith("pagemap-"):
-                    continue
+            for n, b in files.items():  # names checked by pattern: pagemap-N.img
                 (d / n).write_bytes(b)
 
         await asyncio.to_thread(write)
         self.wire += sum(len(b) for b in files.values())
 
-    def _pages_args(self) -> dict[str, Any]:
+    def _pages_msg(self) -> wire.Pages:
         """The final dump's page server: parented on the last pre-dump, if any."""
-        args: dict[str, Any] = {"sid": self.sid}
-        if self._last_round is not None:
-            args["parent"] = f"round-{self._last_round}"
-        return args
-
-    # ---- freeze variants
-
-    async def _freeze_dump(self, paths: Any, snap: Path, stream_pages: bool = True) -> None:
-        """Stop-and-copy: the dump streams its pages into the target's page server."""
-        assert self.link is not None
-        if stream_pages and self._relay is None:
-            ps = await self.link.call("teleport.pages", self._pages_args(), timeout=30)
-            self._relay = await self.link.relay(ps["port"])
-        await self._grab_neighbors()
-        await netmove.isolate(self.host_veth)
-        self._isolated = True
-        await self.runc._simple("pause", self.name, ["pause", self.name])
-        self._paused = True
-        t = time.monotonic()
-        self._ck = asyncio.create_task(self.runc.checkpoint(
-            self.name, self.dir / "images", work_dir=self.dir / "work", tcp_established=True,
-            leave_running=True,
-            page_server=f"127.0.0.1:{self._relay.port}" if self._relay else None,
-            extra_args=self._parent, timeout=300))
-        delta = asyncio.create_task(self.send_tree("upper", paths.upper, snap))
-        try:
-            await asyncio.gather(asyncio.shield(self._ck), delta)
-        except BaseException:
-            delta.cancel()
-            raise
-        self._ck_ready = True
-        if self._relay is not None:
-            await _settle(self._relay)
-        pages = self._relay.bytes_up if self._relay else 0
-        self.wire += pages + (self._relay.bytes_down if self._relay else 0)
-        self.report.rounds.append(RoundReport("dump", pages, round(time.monotonic() - t, 4)))
-        n = await self.send_tree("images", self.dir / "images", self.dir / "images.snar")
-        self.report.rounds.append(RoundReport("images", n, 0.0))
-
-    async def _freeze_lazy(self, paths: Any, snap: Path) -> None:
-        """Post-copy: CRIU dumps all but the pages and then serves them on demand."""
-        self.lazy_port = links.free_port()
-        rfd, wfd = os.pipe()
-        os.set_blocking(rfd, False)
-        t = time.monotonic()
-        try:
-            self._ck = asyncio.create_task(self.runc.checkpoint(
-                self.name, self.dir / "images", work_dir=self.dir / "work",
-                tcp_established=True, lazy_pages=True,
-                page_server=f"127.0.0.1:{self.lazy_port}", status_fd=wfd,
-                extra_args=self._parent, timeout=None))
-            ready = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().add_reader(
-                rfd, lambda: ready.done() or ready.set_result(None))
-            try:
-                done, _ = await asyncio.wait({self._ck, ready},
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                asyncio.get_running_loop().remove_reader(rfd)
-            if ready not in done:
-                self._ck.result()  # raises the checkpoint's error
-                raise ProtoError(ErrorCode.FAILED, "checkpoint ended before the status byte")
-            data = b""
-            with contextlib.suppress(BlockingIOError):
-                data = os.read(rfd, 1)
-            if data != b"\0":
-                await asyncio.wait({self._ck}, timeout=5)
-                if self._ck.done():
-                    self._ck.result()
-                raise ProtoError(ErrorCode.FAILED, "CRIU did not report its images ready")
-        finally:
-            os.close(rfd)
-            os.close(wfd)
-        self._ck_ready = True
-        self.report.rounds.append(RoundReport("dump", 0, round(time.monotonic() - t, 4)))
-        await self._grab_neighbors()
-        await netmove.isolate(self.host_veth)
-        self._isolated = True
-
-        async def pause() -> None:
-            await self.runc._simple("pause", self.name, ["pause", self.name])
-            self._paused = True
-
-        results = await asyncio.gather(
-            pause(), self.send_tree("upper", paths.upper, snap),
-            self.send_tree("images", self.dir / "images", self.dir / "images.snar"))
-        self.report.rounds.append(RoundReport("images", results[2], 0.0))
-
-    async def _grab_neighbors(self) -> None:
-        try:
-            self.neigh = await netmove.neighbors(self.netns)
-            self.vteps = await netmove.vteps([e["mac"] for e in self.neigh])
-        except Exception as exc:
-            log.warning("cannot read the neighbours of %s: %s", self.name, exc)
-
-    async def _restore(self, mode: Mode) -> dict[str, Any]:
-        """Ask the target to restore. If the answer is lost, ask again before deciding."""
-        assert self.link is not None
-        args: dict[str, Any] = {"sid": self.sid, "neighbors": self.neigh,
-                                "vteps": self.vteps}
-        if self.lazy_port:
-            args["lazy_port"] = self.lazy_port
-        if self.opts.fail_restore:
-            args["fail_restore"] = True
-        # A cheap round trip first: a target that is gone (daemon dead, link cut) is
-        # found out here, before any restore request could have reached it, so the
-        # rollback needs no waiting for an unknown outcome.
-        await self.link.call("teleport.status", {"sid": self.sid}, timeout=3)
-        try:
-            return dict(await self.link.call("teleport.restore", args, timeout=60))
-        except ProtoError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or "unreachable" in exc.message:
-                raise  # refused, failed, or never sent (no connection): not restored
-            # Unknown outcome (connection lost): the target may have restored. Ask until
-            # its lease has surely run out; a target that never heard of the restore
-            # aborts by itself by then.
-            deadline = time.monotonic() + self.opts.lease + 5
-            while time.monotonic() < deadline:
-                try:
-                    st = await self.link.call("teleport.status", {"sid": self.sid},
-                                              timeout=3)
-                except ProtoError:
-                    await asyncio.sleep(1)
-                    continue
-                if st.get("status") in ("restored", "committed"):
-                    return {"status": "running", "recovered": True}
-                if st.get("status") == "restoring":
-                    await asyncio.sleep(0.5)
-                    continue
-                break
-            raise
-
-    # ---- after the switchover
-
-    async def _release(self, mode: Mode, paths: Any) -> None:
-        """The target runs the cnvm: free everything here (the frozen copy first)."""
-        if self._ck is not None and not self._ck.done():
-            # postcopy: CRIU still serves pages; thaw so that it can end the tasks.
-            with contextlib.suppress(RuncError):
-                await self.runc._simple("resume", self.name, ["resume", self.name])
-            t = time.monotonic()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._ck), 300)
-                self.report.phases["pages_after_restore"] = round(time.monotonic() - t, 4)
-            except (TimeoutError, RuncError) as exc:
-                log.error("lazy page server on %s ended badly: %s", self.node, exc)
-                self._ck.cancel()
-        with contextlib.suppress(Exception):
-            await self.runc.destroy(self.name)
-        self.daemon.adopted.pop(self.name, None)
-        with contextlib.suppress(Exception):  # the IP stays the cnvm's: no IPAM release
-            await netmove.plumbing(self.daemon).destroy(self.name)
-        if self.host_veth:
-            with contextlib.suppress(Exception):
-                await netlink.link_del(self.host_veth)
-        await netlink.netns_del(os.path.basename(self.netns))
-        from cnvmd import bundle
-
-        with contextlib.suppress(Exception):
-            await bundle.unmount_rootfs(paths)
-        await asyncio.to_thread(shutil.rmtree, paths.dir, True)
-        await asyncio.to_thread(self.daemon.state.delete, KIND_CNVMS, self.name)
-        assert self.link is not None
-        hist = await asyncio.to_thread(load_reports, self.daemon.state, self.name)
-        self.report.total_seconds = round(time.monotonic() - self._t0, 4)
-        self.report.ok = True
-        try:
-            ans = await self.link.call("teleport.commit", {
-                "sid": self.sid, "reports": [*hist, self._wire_report()]}, timeout=120)
-            lazy = int(ans.get("relay_bytes", 0))  # lazy pages, pulled by the target
-            self.wire += lazy
-            if mode is Mode.POSTCOPY or mode is Mode.HYBRID:
-                self.report.rounds.append(RoundReport(
-                    "lazy", lazy, self.report.phases.get("pages_after_restore", 0.0)))
-        except ProtoError as exc:
-            log.warning("commit on %s failed (the cnvm runs there): %s", self.target, exc)
-
-    def _wire_report(self) -> dict[str, Any]:
-        self.report.wire_bytes = self.wire
-        return self.report.to_dict()
-
-    async def _keep_report(self, moved: bool) -> None:
-        self.report.wire_bytes = self.wire
-        if moved:
-            await asyncio.to_thread(self.daemon.state.delete, KIND_REPORTS, self.name)
-            return
-        hist = await asyncio.to_thread(load_reports, self.daemon.state, self.name)
-        if self._prepared:  # refusals before contacting the target are not teleports
-            await asyncio.to_thread(save_reports, self.daemon.state, self.name,
-                                    [*hist, self.report.to_dict()])
-
-    # ---- rollback
-
-    async def _rollback(self) -> None:
-        """Resume the cnvm here with its state and connections; clean the target."""
-        r = self.report
-        steps: list[str] = []
-        try:
-            if self._ck is not None and not self._ck.done():
-                if not self._ck_ready:
-                    # CRIU is inside the dump (parasite code in the tasks): let it end by
-                    # itself (a cut page-server link makes it fail cleanly). A lazy dump
-                    # never ends by itself (it then serves pages): its dump part is short.
-                    await asyncio.wait({self._ck}, timeout=10 if self.lazy_port else 120)
-                if not self._ck.done():
-                    if not self._paused:
-                        with contextlib.suppress(Exception):
-                            await self.runc._simple("pause", self.name, ["pause", self.name])
-                            self._paused = True
-                    self._ck.cancel()  # kills runc + CRIU: the tasks stay frozen
-                    steps.append("criu stopped")
-                with contextlib.suppress(BaseException):
-                    await self._ck
-            if self._relay is not None:
-                with contextlib.suppress(Exception):
-                    await self._relay.close()
-                self._relay = None
-            # Order matters: lock off and link up first, neighbours back (carrier loss
-            # flushed them; a peer off the flood list could never answer a new ARP),
-            # then repair off, whose window probe now reaches the peer.
-            if self.netns and self._ck is not None:
-                await netlink.unlock(os.path.basename(self.netns))
-                steps.append("network unlocked")
-            if self._isolated:
-                await netmove.reconnect(self.host_veth)
-                steps.append("veth up")
-                if self.neigh:
-                    with contextlib.suppress(Exception):
-                        await netmove.add_neighbors(self.netns, self.neigh)
-            if self.netns and self._ck is not None:
-                pids = await asyncio.to_thread(tcprepair.pids_in_netns, self.netns)
-                n = await asyncio.to_thread(tcprepair.repair_off, pids)
-                steps.append(f"repair off on {n} socket(s)")
-            st = await self.runc.state(self.name)
-            if st is not None and st.status == "paused":
-                await self.runc._simple("resume", self.name, ["resume", self.name])
-                steps.append("resumed")
-            st = await self.runc.state(self.name)
-            r.rolled_back = st is not None and st.status == "running"
-            if not r.rolled_back:
-                log.error("rollback of %s: container is %s", self.name, st)
-        except Exception as exc:
-            log.exception("rollback of %s failed", self.name)
-            r.error += f"; rollback failed: {exc}"
-        if self._prepared and self.link is not None:
-            try:
-                await self.link.call("teleport.abort", {"sid": self.sid}, timeout=10)
-                steps.append("target cleaned")
-            except ProtoError as exc:
-                steps.append(f"target unreachable ({exc.message}); it cleans up when its "
-                             "lease ends")
-        r.phases["rollback"] = round(time.monotonic() - self._phase_t, 4)
-        log.warning("teleport of %s to %s rolled back: %s", self.name, self.target,
-                    ", ".join(steps))
-        self.emit_progress(phase="rolled back", steps=steps)
-
+        return wire.Pages(self.sid, None, self._last_round)
 
 async def pack_plain(src: Path, sink: Callable[[bytes], Any]) -> int:
     """A plain (non-incremental) tar of src, streamed to sink."""
@@ -782,6 +920,22 @@ async def _settle(relay: Any, timeout: float = 10.0) -> None:
     if wait is not None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait(), timeout)
+
+
+def _port(ans: Any) -> int:
+    """A page-server reply's port, checked (a peer's answer is input too)."""
+    r = wire.Reader(ans, "pages reply")
+    port: int = r.int("port", 1, 65535)
+    r.done()
+    return port
+
+
+def _neighbor_ok(n: Any) -> bool:
+    try:
+        wire.Neighbor.from_wire(n)
+    except ProtoError:
+        return False
+    return True
 
 
 def _read_text(p: Path) -> str | None:

@@ -1,28 +1,33 @@
-"""The target side of a teleport: a session per incoming cnvm, driven by the source.
+"""The target side of a teleport: a session per incoming cnvm, driven by its source.
 
-The source calls these steps (API ops `teleport.*`, reached through the peer
-mesh's `forward`) and streams data (`teleport.data` channels):
+The source calls these peer-only ops (cnvmd.migration.ops.peer_router; never on the
+API socket) with typed messages (cnvmd.migration.wire), and streams data on
+``teleport.data`` channels:
 
-    prepare  preflight (CRIU version, free disk/memory, lazy pages, name free),
-             session dir + marker, netns (same IP/MAC, pre-locked, links DOWN),
-             which image blobs are missing
+    prepare  preflight (CRIU version, CPU flags, free disk/memory, name free),
+             session dir + journal, netns (same IP/MAC, pre-locked, links DOWN),
+             which image blobs are missing; the rootfs if none is
     image    register the image from the shipped blobs, mount the overlay rootfs
-    data     upper-dir tar streams (round 0 and final delta), CRIU images, log
-    pages    (stop-copy) start `criu page-server`; the source's dump streams into it
-    restore  write config.json, links up, (postcopy) lazy-pages daemon + relay to
-             the source, `runc restore`, GARP, cnvm record  -> the target owns it
+    data     upper-dir tar streams (round 0 and final delta), CRIU images, log, blobs
+    pages    (stop-copy, pre-copy) a `criu page-server`; the source's dump streams in
+    restore  config.json built here from the cnvm's spec, links up, (postcopy)
+             lazy-pages daemon + relay to the source, `runc restore`, GARP, record:
+             the switchover; the target owns the cnvm
     commit   keep the teleport history; forget the session
-    abort    undo everything of the session (also on lease expiry: a source that
-             vanished never leaves a half-made cnvm behind)
+    abort    unwind the session (also on lease expiry: a source that vanished never
+             leaves a half-made cnvm behind)
 
-Nothing of a session survives an abort: no netns, mount, runc state, record or
-directory. A marker file per session lets a restarted daemon finish that job.
+Only the member that prepared a session may act on it. Every path is derived from
+this node's state dir and validated ids. Each side effect pushes its undo
+(`TargetUndo`) onto the session's stack and journal, so an abort, a lease expiry and
+a restarted daemon (cnvmd.migration.recovery) unwind the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -30,23 +35,49 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cnvmd import criu, proc
+from cnvmd import bundle, criu, proc
+from cnvmd.migration import journal, netmove, treesync, wire
 from cnvmd.migration import link as links
-from cnvmd.migration import netmove, treesync
-from cnvmd.migration.report import keep_logs
+from cnvmd.migration.policy import Mode
+from cnvmd.migration.report import keep_logs, save_reports
+from cnvmd.migration.undo import UndoStack
 from cnvmd.peers.streams import TcpRelay
 from cnvmd.runtime import Runc, RuncError, _umount_under, start_log_shim
+from cnvmd.services import LIFECYCLE, PEERS
 from proto.messages import ErrorCode, ProtoError
+
+if TYPE_CHECKING:
+    from cnvmd.lifecycle import Lifecycle
 
 log = logging.getLogger("cnvmd.teleport")
 
 KIND_CNVMS = "cnvms"
-KIND_REPORTS = "teleports"
-MAX_REPORTS = 10
 RESTORE_TIMEOUT = 30.0
 PAGE_SERVER_WAIT = 20.0
+
+
+class TEffect(enum.StrEnum):
+    """Side effects of a target session, each undone by `TargetUndo`."""
+
+    SESSION_DIR = "session_dir"
+    NETNS = "netns"
+    BUNDLE = "bundle"
+    HELPERS = "helpers"  # criu page-server / lazy-pages processes, relays
+    RESTORED = "restored"  # runc restore ran: a container may exist
+    RECORD = "record"
+
+
+class TStep(enum.StrEnum):
+    """Target milestones a fault hook (``fail_at: target:<step>``) may fail after."""
+
+    CONFIG = "config"
+    LINKS_UP = "links_up"
+    LAZY = "lazy"
+
+
+TARGET_FAULT_POINTS = (str(TStep.CONFIG), str(TStep.LINKS_UP), str(TStep.LAZY))
 
 
 def _err(code: ErrorCode, msg: str) -> ProtoError:
@@ -58,18 +89,16 @@ class Session:
     sid: str
     name: str
     source: str
-    mode: str
+    mode: Mode
     dir: Path
     lease: float
     net: netmove.NetInfo
-    record: dict[str, Any]
-    config: dict[str, Any]
-    image: dict[str, Any]
-    status: str = "prepared"  # prepared | restoring | restored | committed | aborted
+    spec: wire.CnvmSpec
+    image: wire.ImageRef
+    j: journal.TargetJournal
+    stack: UndoStack
+    status: wire.TargetStatus = wire.TargetStatus.PREPARED
     netns_path: str = ""
-    bundle_made: bool = False
-    mounted: bool = False
-    record_written: bool = False
     page_server: asyncio.subprocess.Process | None = None
     page_log: Path | None = None
     lazy: asyncio.subprocess.Process | None = None
@@ -92,147 +121,195 @@ class Session:
         self.last_seen = time.monotonic()
 
 
-class TargetSide:
-    """All incoming teleports of this node (``daemon.services["teleport.target"]``)."""
+class TargetUndo:
+    """Undo of each target effect from journal data only (live and after a restart)."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, side: TargetSide, name: str, sdir: Path,
+                 session: Session | None = None) -> None:
+        self.side = side
+        self.name = name
+        self.dir = sdir
+        self.s = session
+
+    def undo(self, effect: str) -> Any:
+        return {TEffect.SESSION_DIR: self.session_dir, TEffect.NETNS: self.netns,
+                TEffect.BUNDLE: self.bundle, TEffect.HELPERS: self.helpers,
+                TEffect.RESTORED: self.restored, TEffect.RECORD: self.record}[TEffect(effect)]
+
+    async def session_dir(self) -> None:
+        await self.side.keep_session_logs(self.name, self.dir)
+        await asyncio.to_thread(_umount_under, self.dir)
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+
+    async def netns(self) -> None:
+        await netmove.plumbing(self.side.daemon).destroy(self.name)
+
+    async def bundle(self) -> None:
+        await bundle.destroy(self.side.life.paths(self.name))
+
+    async def helpers(self) -> None:
+        if self.s is not None:
+            await self.side.stop_helpers(self.s)
+        else:
+            await asyncio.to_thread(_kill_criu_helpers, self.dir)
+
+    async def restored(self) -> None:
+        """A restored copy must never talk: cut its link, then remove the container
+        (its TCP sockets go silently: no RST reaches the client)."""
+        with contextlib.suppress(Exception):
+            await netmove.isolate(netmove.plumbing(self.side.daemon).host_veth(self.name))
+        with contextlib.suppress(RuncError):
+            await self.side.runc.destroy(self.name)
+
+    async def record(self) -> None:
+        life = self.side.life
+        rec = await life.record(self.name)
+        if rec is not None and rec.get("teleport_sid") == self.dir.name:
+            await asyncio.to_thread(life.state.delete, KIND_CNVMS, self.name)
+
+
+class TargetSide:
+    """All incoming teleports of this node."""
+
+    def __init__(self, daemon: Any, criu_bin: str, criu_lazy: str) -> None:
         self.daemon = daemon
         cfg = daemon.config
-        self.node = cfg.node_name
+        self.node: str = cfg.node_name
         self.base = Path(cfg.state_dir) / "teleport" / "in"
-        self.criu = daemon.services.get("teleport.criu") or cfg.criu
-        self.criu_lazy = daemon.services.get("teleport.criu_lazy") or self.criu
+        self.criu = criu_bin
+        self.criu_lazy = criu_lazy
         self.runc = Runc(cfg.runc_root, cfg.runc, self.criu)
         self.sessions: dict[str, Session] = {}
 
-    # ---- helpers
-
     @property
-    def life(self) -> Any:
-        life = self.daemon.services.get("lifecycle")
-        if life is None:
-            raise _err(ErrorCode.UNAVAILABLE, f"{self.node}: the lifecycle service is not "
-                       "running; cannot receive a cnvm")
+    def life(self) -> Lifecycle:
+        life: Lifecycle = self.daemon.services.require(LIFECYCLE)
         return life
 
-    def get(self, sid: str) -> Session:
+    def get(self, sid: str, caller: str | None) -> Session:
+        """The session `sid` of member `caller` (another member's is not found)."""
         s = self.sessions.get(sid)
-        if s is None:
+        if s is None or (caller is not None and s.source != caller):
             raise _err(ErrorCode.NOT_FOUND, f"{self.node}: no teleport session {sid}")
         s.touch()
         return s
 
-    def _marker(self, s: Session) -> None:
-        data = {"sid": s.sid, "name": s.name, "source": s.source, "status": s.status,
-                "netns": s.netns_path, "bundle_made": s.bundle_made,
-                "record_written": s.record_written, "pid": os.getpid()}
-        tmp = s.dir / "session.json.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, s.dir / "session.json")
+    async def _journal(self, s: Session, effects: list[str] | None = None) -> None:
+        if effects is not None:
+            s.j.effects = effects
+        s.j.phase = str(s.status)
+        if TEffect.SESSION_DIR in s.stack or s.status is not wire.TargetStatus.ABORTED:
+            await asyncio.to_thread(journal.save, s.dir, s.j)
+
+    async def keep_session_logs(self, name: str, sdir: Path) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(keep_logs, sdir, self.daemon.config.state_dir, name,
+                                    "target")
 
     # ---- prepare
 
-    async def prepare(self, a: dict[str, Any]) -> dict[str, Any]:
-        sid, name, source = str(a["sid"]), str(a["name"]), str(a["source"])
+    async def prepare(self, msg: wire.Prepare, caller: str) -> wire.PrepareReply:
+        name = msg.spec.name
         life = self.life
-        if any(s.name == name and s.status not in ("aborted", "committed")
-               for s in self.sessions.values()):
+        if msg.sid in self.sessions or await asyncio.to_thread((self.base / msg.sid).exists):
+            raise _err(ErrorCode.CONFLICT, f"{self.node}: session {msg.sid} exists")
+        if any(s.name == name for s in self.sessions.values()):
             raise _err(ErrorCode.BUSY, f"{self.node}: a teleport of {name} is already arriving")
         if await life.record(name) is not None or await self.runc.state(name) is not None:
             raise _err(ErrorCode.ALREADY_EXISTS, f"a cnvm named {name!r} already exists on "
                        f"{self.node}")
         paths = life.paths(name)
         if await asyncio.to_thread(paths.dir.exists):
-            raise _err(ErrorCode.CONFLICT, f"{self.node}: leftover bundle {paths.dir} exists")
-        caps = await self.preflight(a)
-        s = Session(sid=sid, name=name, source=source, mode=str(a["mode"]),
-                    dir=self.base / sid, lease=float(a.get("lease", 30.0)),
-                    net=netmove.NetInfo.from_wire(a["net"]), record=dict(a["record"]),
-                    config=dict(a["config"]), image=dict(a["image"]))
-        await asyncio.to_thread(_mkdirs, s.images, s.work)
-        self.sessions[sid] = s
-        await asyncio.to_thread(self._marker, s)
-        s.watchdog = asyncio.create_task(self._watch(s))
+            raise _err(ErrorCode.CONFLICT, f"{self.node}: leftover bundle of {name} exists")
+        caps = await self.preflight(msg, caller)
+        sdir = self.base / msg.sid
+        j = journal.TargetJournal(sid=msg.sid, name=name, source=caller, lease=msg.lease)
+        s = Session(sid=msg.sid, name=name, source=caller, mode=msg.mode, dir=sdir,
+                    lease=msg.lease, net=msg.net, spec=msg.spec, image=msg.image, j=j,
+                    stack=UndoStack())
+        s.stack = UndoStack(lambda eff: self._journal(s, eff))
+        u = TargetUndo(self, name, sdir, s)
+        self.sessions[msg.sid] = s
         try:
-            net = netmove.plumbing(self.daemon)
-            s.netns_path = await net.create(name, s.net)
-            await asyncio.to_thread(self._marker, s)
-            images = life.images
-            blobs = [s.image["manifest"], s.image["config"], *s.image["layers"]]
-            missing = await asyncio.to_thread(images.missing_blobs, blobs)
+            await asyncio.to_thread(_mkdirs, self.base)
+            await asyncio.to_thread(os.mkdir, sdir, 0o700)
+            await s.stack.push(TEffect.SESSION_DIR, u.session_dir)
+            await asyncio.to_thread(_mkdirs, s.images, s.work)
+            s.watchdog = asyncio.create_task(self._watch(s))
+            await s.stack.push(TEffect.NETNS, u.netns)
+            s.netns_path = await netmove.plumbing(self.daemon).create(name, s.net)
+            missing = await asyncio.to_thread(life.images.missing_blobs, s.image.blobs)
             if not missing:
                 await self._image(s)
         except BaseException:
-            await asyncio.shield(self.abort(sid, "prepare failed"))
+            await asyncio.shield(self._unwind(s, "prepare failed"))
             raise
-        return {"missing_blobs": missing, "caps": caps, "netns": s.netns_path}
+        return wire.PrepareReply(missing_blobs=tuple(missing), caps=caps)
 
-    async def preflight(self, a: dict[str, Any]) -> dict[str, Any]:
-        """Refuse early what would fail later: CRIU, memory, disk, lazy pages."""
-        caps = live_caps(self.daemon)
+    async def preflight(self, msg: wire.Prepare, source: str) -> dict[str, Any]:
+        """Refuse early what would fail later: CRIU, CPU, memory, disk."""
+        caps = criu.live_caps(self.daemon.caps, self.daemon.caps_error)
         if "error" in caps:
             raise _err(ErrorCode.UNAVAILABLE, f"{self.node}: CRIU unusable: {caps['error']}")
         mine = criu.parse_version(f"Version: {caps.get('criu_version', '0')}") or (0,)
-        theirs = criu.parse_version(f"Version: {a.get('criu_version', '0')}") or (0,)
+        theirs = criu.parse_version(f"Version: {msg.criu_version}") or (0,)
         if mine < theirs:
             raise _err(ErrorCode.FAILED, f"{self.node} has CRIU {caps.get('criu_version')}, "
-                       f"older than the source's {a.get('criu_version')}: images may not "
+                       f"older than the source's {msg.criu_version}: images may not "
                        "restore; upgrade CRIU on the target")
         if not caps.get("tcp_repair"):
             raise _err(ErrorCode.FAILED, f"{self.node}: CRIU cannot restore TCP connections")
-        theirs_cpu = set(a.get("cpu_flags") or [])
-        missing = sorted(theirs_cpu - set(await asyncio.to_thread(cpu_flags)))
-        if theirs_cpu and missing:
+        missing = sorted(set(msg.cpu_flags) - set(await asyncio.to_thread(criu.cpu_flags)))
+        if msg.cpu_flags and missing:
             raise _err(ErrorCode.FAILED, f"{self.node}'s CPU lacks flags the cnvm may use "
-                       f"(from {a.get('source')}): {' '.join(missing[:12])}")
-        need_mem = int(a.get("memory", 0))
+                       f"(from {source}): {' '.join(missing[:12])}")
         avail = await asyncio.to_thread(_mem_available)
-        if need_mem and avail and avail < need_mem + (64 << 20):
+        if msg.memory and avail and avail < msg.memory + (64 << 20):
             raise _err(ErrorCode.FAILED, f"{self.node}: not enough free memory "
-                       f"({avail >> 20} MiB available, the cnvm uses {need_mem >> 20} MiB)")
-        need_disk = int(a.get("disk", 0))
-        self.base.mkdir(parents=True, exist_ok=True)
+                       f"({avail >> 20} MiB available, the cnvm uses {msg.memory >> 20} MiB)")
+        await asyncio.to_thread(_mkdirs, self.base)
         st = await asyncio.to_thread(os.statvfs, self.base)
         free = st.f_bavail * st.f_frsize
-        if free < need_disk + (64 << 20):
-            raise _err(ErrorCode.FAILED, f"{self.node}: not enough free disk in {self.base} "
-                       f"({free >> 20} MiB free, {need_disk >> 20} MiB needed)")
+        if free < msg.disk + (64 << 20):
+            raise _err(ErrorCode.FAILED, f"{self.node}: not enough free disk "
+                       f"({free >> 20} MiB free, {msg.disk >> 20} MiB needed)")
         return caps
 
-    async def image(self, sid: str) -> dict[str, Any]:
-        s = self.get(sid)
+    async def image(self, sid: str, caller: str) -> dict[str, Any]:
+        s = self.get(sid, caller)
         await self._image(s)
         return {"ok": True}
 
     async def _image(self, s: Session) -> None:
-        life = self.life
-        store = life.images
+        store = self.life.images
         try:
-            img = store.resolve(s.image["id"])
+            img = store.resolve(s.image.id)
         except ProtoError:
-            img = await store.register(s.image["manifest"], s.image.get("name"))
-        paths = life.paths(s.name)
-        s.bundle_made = True
-        await asyncio.to_thread(self._marker, s)
-        from cnvmd import bundle
-
-        await bundle.mount_rootfs(paths, img.layer_dirs)
-        s.mounted = True
+            img = await store.register(s.image.manifest, s.image.name)
+        if img.id != s.image.id:
+            raise _err(ErrorCode.INVALID_ARGUMENT, f"{self.node}: the shipped image is "
+                       f"{img.id[:12]}, not the announced {s.image.id[:12]}")
+        if TEffect.BUNDLE in s.stack:
+            return
+        await s.stack.push(TEffect.BUNDLE, TargetUndo(self, s.name, s.dir, s).bundle)
+        await bundle.mount_rootfs(self.life.paths(s.name), img.layer_dirs)
 
     # ---- data streams
 
-    async def serve_data(self, stream: Any, args: dict[str, Any]) -> None:
-        what = str(args.get("what"))
-        if what == "pages":
+    async def serve_data(self, stream: Any, hdr: wire.DataHeader, caller: str) -> None:
+        if hdr.what is wire.DataKind.PAGES:
             raise _err(ErrorCode.INVALID_ARGUMENT, "pages are served by the source side")
-        s = self.get(str(args.get("sid")))
+        s = self.get(hdr.sid, caller)
+        if s.status is not wire.TargetStatus.PREPARED:
+            raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} is {s.status}")
         s.busy += 1
         try:
             await stream.write_frame({"ok": True})
             n = 0
-            if what in ("upper", "images"):
-                dst = self.life.paths(s.name).upper if what == "upper" else s.images
-                un = await (treesync.Unpacker.start(dst) if what == "upper"
+            paths = self.life.paths(s.name)
+            if hdr.what in (wire.DataKind.UPPER, wire.DataKind.IMAGES):
+                dst = paths.upper if hdr.what is wire.DataKind.UPPER else s.images
+                un = await (treesync.Unpacker.start(dst) if hdr.what is wire.DataKind.UPPER
                             else PlainUnpacker.start(dst))
                 try:
                     while data := await stream.read(links.CHUNK):
@@ -242,16 +319,14 @@ class TargetSide:
                     un.abort()
                     raise
                 n = un.bytes
-            elif what == "log":
-                n = await _receive_append(stream, self.life.paths(s.name).console_log,
-                                          int(args.get("offset", 0)))
-            elif what == "blob":
+            elif hdr.what is wire.DataKind.LOG:
+                n = await _receive_append(stream, paths.console_log, hdr.offset)
+            else:  # BLOB, digest checked by the store
+                assert hdr.digest is not None
                 tmp = s.dir / "blob.part"
                 n = await _receive_append(stream, tmp, 0)
-                await self.life.images.add_blob(tmp, str(args["digest"]))
+                await self.life.images.add_blob(tmp, hdr.digest)
                 await asyncio.to_thread(tmp.unlink)
-            else:
-                raise _err(ErrorCode.INVALID_ARGUMENT, f"unknown teleport data {what!r}")
             s.wire_bytes += n
             await stream.write_frame({"ok": True, "bytes": n})
         except ProtoError as exc:
@@ -260,25 +335,23 @@ class TargetSide:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await stream.write_frame({"ok": False, "error": {
-                    "code": "failed", "message": f"{self.node}: {what}: {exc}"}})
+                    "code": "failed", "message": f"{self.node}: {hdr.what}: {exc}"}})
         finally:
             s.busy -= 1
             s.touch()
             stream.write_eof()
 
-    # ---- pages (stop-copy)
+    # ---- pages (stop-copy, pre-copy)
 
-    async def pages(self, sid: str, rnd: int | None = None,
-                    parent: str | None = None) -> dict[str, Any]:
-        """Start a page server for the final dump, or for pre-dump round `rnd`.
+    async def pages(self, msg: wire.Pages, caller: str) -> dict[str, Any]:
+        """Start a page server for the final dump, or for pre-dump round `msg.round`.
 
-        `parent` (``round-K``, a sibling dir) is the previous pre-dump: the page server
-        links it as ``parent`` in its images dir (``--prev-images-dir``) so that it
-        answers the dumper's "has parent" and the restore finds the pages that this
-        round skipped (unchanged since round K) by following the link.
+        `msg.parent` is the previous pre-dump: the page server links it as ``parent``
+        in its images dir (``--prev-images-dir``) so that it answers the dumper's "has
+        parent" and the restore finds the pages that this round skipped.
         """
-        s = self.get(sid)
-        images = s.images if rnd is None else s.dir / f"round-{rnd}"
+        s = self.get(msg.sid, caller)
+        images = s.images if msg.round is None else s.dir / f"round-{msg.round}"
         await asyncio.to_thread(_mkdirs, images)
         if s.page_server is not None and s.page_server.returncode is None:
             # The previous round's server exits once its dumper hung up (a failed
@@ -288,15 +361,19 @@ class TargetSide:
             except TimeoutError:
                 proc.kill_group(s.page_server.pid)
                 await s.page_server.wait()
+        parent = None if msg.parent is None else f"round-{msg.parent}"
         if parent is not None and not await asyncio.to_thread((s.dir / parent).is_dir):
             raise _err(ErrorCode.FAILED, f"{self.node}: no pre-dump {parent} to build on")
+        if TEffect.HELPERS not in s.stack:
+            await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
         port = links.free_port()
+        logname = f"page-server{'' if msg.round is None else f'-{msg.round}'}.log"
         argv = [self.criu, "page-server", "--images-dir", str(images), "--address",
                 "127.0.0.1", "--port", str(port), "--work-dir", str(s.work),
-                "--log-file", f"page-server{'' if rnd is None else f'-{rnd}'}.log", "-v2"]
+                "--log-file", logname, "-v2"]
         if parent is not None:
             argv += ["--prev-images-dir", f"../{parent}"]
-        s.page_log = s.work / argv[argv.index("--log-file") + 1]
+        s.page_log = s.work / logname
         s.page_server = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -309,18 +386,19 @@ class TargetSide:
             await asyncio.sleep(0.01)
         return {"port": port}
 
-    async def pagemaps(self, sid: str, rnd: int) -> dict[str, Any]:
-        """The pagemap images of pre-dump round `rnd` (small: one entry per run of
+    async def pagemaps(self, msg: wire.Pagemaps, caller: str) -> dict[str, Any]:
+        """The pagemap images of pre-dump round `msg.round` (small: one entry per run of
         pages). A hybrid source needs them: its lazy dump decides per page "in the
         parent" from its local parent images, whose pages stay here."""
-        s = self.get(sid)
-        d = s.dir / f"round-{rnd}"
+        s = self.get(msg.sid, caller)
+        d = s.dir / f"round-{msg.round}"
         if s.page_server is not None and s.page_server.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.page_server.wait(), PAGE_SERVER_WAIT)
 
         def read() -> dict[str, bytes]:
-            return {p.name: p.read_bytes() for p in d.glob("pagemap-*.img")}
+            return {p.name: p.read_bytes() for p in d.glob("pagemap-*.img")
+                    if wire.PAGEMAP_RE.fullmatch(p.name) and not p.is_symlink()}
 
         files = await asyncio.to_thread(read)
         if not files:
@@ -329,29 +407,33 @@ class TargetSide:
 
     # ---- restore: the switchover
 
-    async def restore(self, a: dict[str, Any], ctx_emit: Any = None) -> dict[str, Any]:
-        s = self.get(str(a["sid"]))
+    async def restore(self, msg: wire.Restore, caller: str) -> dict[str, Any]:
+        s = self.get(msg.sid, caller)
         async with s.lock:
-            if s.status != "prepared":
+            if s.status is not wire.TargetStatus.PREPARED:
                 raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} is {s.status}")
-            s.status = "restoring"
+            s.status = wire.TargetStatus.RESTORING
             s.busy += 1
             try:
-                return await self._restore(s, a)
+                return await self._restore(s, msg)
             except BaseException:
-                if s.status == "restoring":
-                    s.status = "prepared"  # the source decides: abort (or retry)
+                if s.status is wire.TargetStatus.RESTORING:
+                    s.status = wire.TargetStatus.PREPARED  # the source decides: abort
                 raise
             finally:
                 s.busy -= 1
                 s.touch()
 
-    async def _restore(self, s: Session, a: dict[str, Any]) -> dict[str, Any]:
+    async def _restore(self, s: Session, msg: wire.Restore) -> dict[str, Any]:
         t0 = time.monotonic()
         life = self.life
         paths = life.paths(s.name)
+        fault = msg.fail_at if self.daemon.config.fault_injection else None
+        s.stack.fail_at = fault
         timings: dict[str, float] = {}
         log.info("teleport %s: restoring %s from %s", s.sid, s.name, s.source)
+        if TEffect.BUNDLE not in s.stack:
+            raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} has no image yet")
         if s.page_server is not None:  # stop-copy: all pages in once it exits by itself
             try:
                 await asyncio.wait_for(s.page_server.wait(), PAGE_SERVER_WAIT)
@@ -362,38 +444,36 @@ class TargetSide:
                 raise _err(ErrorCode.FAILED, f"{self.node}: page server failed: "
                            + _tail(s.page_log or s.work / "page-server.log"))
             timings["pages_wait"] = time.monotonic() - t0
-        cfg = retarget_config(s.config, node=self.node, name=s.name, netns=s.netns_path)
-        src_cg = str((s.config.get("linux") or {}).get("cgroupsPath") or "")
-        if src_cg and not await asyncio.to_thread(_cgroup_exists, src_cg):
-            # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup
-            # v2 runc's cgroup-root remap does not apply): runc must track that same
-            # cgroup, or its pause and the next teleport's freeze miss the tasks
-            # (pre-dump: "Unseizable non-zombie"). A per-node path only where the
-            # source's cgroup exists here (lab nodes sharing one host).
-            cfg["linux"]["cgroupsPath"] = src_cg
-        await asyncio.to_thread(_write_json, paths.config, cfg)
-        if a.get("fail_restore") and self.daemon.config.fault_injection:
-            # fault injection for the tests: a real broken image set
-            await asyncio.to_thread(_break_images, s.images)
+        # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup v2
+        # runc's cgroup-root remap does not apply): runc must track that same cgroup, or
+        # its pause and the next teleport's freeze miss the tasks. A per-node path only
+        # where the source's cgroup exists here (lab nodes sharing one host).
+        src_cg = bundle.cgroups_path(s.source, s.name)
+        cg = src_cg if await asyncio.to_thread(_cgroup_usable, src_cg) else None
+        await life.write_restore_config(s.name, _record_of(s, self.node, paths),
+                                        netns_path=s.netns_path, cgroups_path=cg)
+        s.stack.done(TStep.CONFIG)
+        if msg.fail_restore and self.daemon.config.fault_injection:
+            await asyncio.to_thread(_break_images, s.images)  # a real broken image set
         net = netmove.plumbing(self.daemon)
         await net.bring_up(s.name, s.net)
-        if a.get("neighbors"):
+        if msg.neighbors:
             with contextlib.suppress(Exception):
-                await netmove.add_neighbors(s.netns_path, list(a["neighbors"]))
-        if a.get("vteps"):
+                await netmove.add_neighbors(s.netns_path, [n.to_wire() for n in msg.neighbors])
+        if msg.vteps:
             mine = await asyncio.to_thread(_own_addresses)
             try:
-                n = await netmove.learn_vteps({m: d for m, d in dict(a["vteps"]).items()
-                                               if d not in mine})
-                log.debug("teleport %s: %d neighbour VTEP(s) learnt of %s", s.sid, n,
-                         a["vteps"])
+                await netmove.learn_vteps({m: d for m, d in msg.vteps if d not in mine})
             except Exception as exc:
                 log.warning("teleport %s: cannot learn neighbour VTEPs: %s", s.sid, exc)
-        lazy = a.get("lazy_port")
+        s.stack.done(TStep.LINKS_UP)
         work = s.work
-        if lazy:
-            link = links.PeerLink(self.daemon.services["peers"], s.source)
-            s.relay = await links.stream_relay(link, {"sid": s.sid, "what": "pages"})
+        if msg.lazy:
+            if TEffect.HELPERS not in s.stack:
+                await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
+            link = links.PeerLink(self.daemon.services.require(PEERS), s.source)
+            s.relay = await links.stream_relay(
+                link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire())
             lazy_dir = s.dir / "lazy"
             await asyncio.to_thread(_mkdirs, lazy_dir)
             argv = [self.criu_lazy, "lazy-pages", "--page-server", "--address", "127.0.0.1",
@@ -412,46 +492,44 @@ class TargetSide:
                            + _tail(lazy_dir / "lazy-pages.log"))
             work = lazy_dir
             timings["lazy_daemon"] = time.monotonic() - t0
+            s.stack.done(TStep.LAZY)
         pipe = await start_log_shim(paths.console_log)
         t_r = time.monotonic()
-        log.info("teleport %s: runc restore", s.sid)
+        await s.stack.push(TEffect.RESTORED, TargetUndo(self, s.name, s.dir, s).restored)
         try:
             st = await self.runc.restore(s.name, paths.dir, s.images, work_dir=work,
                                          stdio=pipe.write_fd, tcp_established=True,
-                                         lazy_pages=bool(lazy), timeout=RESTORE_TIMEOUT)
+                                         lazy_pages=msg.lazy, timeout=RESTORE_TIMEOUT)
         except RuncError as exc:
             raise _err(ErrorCode.FAILED, f"restore on {self.node} failed: {exc}") from None
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
-        if st.status == "paused":  # dumped from a frozen cgroup (stop-copy)
-            await self.runc._simple("resume", s.name, ["resume", s.name])
-        s.status = "restored"
-        await asyncio.to_thread(self._marker, s)
+        if st.status == "paused":  # dumped from a frozen cgroup
+            await self.runc.resume(s.name)
+        await s.stack.push(TEffect.RECORD, TargetUndo(self, s.name, s.dir, s).record)
+        await life.save_record(s.name, _record_of(s, self.node, paths))
+        # The switchover: the cnvm is ours now; nothing of it is undone any more.
+        s.status = wire.TargetStatus.RESTORED
+        s.stack.forget()
+        await self._journal(s, [])
+        log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
         with contextlib.suppress(Exception):
-            await netmove.teach(s.netns_path, [e["ip"] for e in a.get("neighbors") or []])
+            await netmove.teach(s.netns_path, [n.ip for n in msg.neighbors])
         with contextlib.suppress(Exception):
             await net.announce(s.name, s.net)
         timings["announced"] = time.monotonic() - t0
-        rec = dict(s.record)
-        rec.update({"node": self.node, "netns": s.netns_path, "bundle": str(paths.dir),
-                    "log": str(paths.console_log), "desired": "running",
-                    "ip": rec.get("ip") or s.net.ip, "teleported_from": s.source,
-                    "teleported_at": time.time()})
-        await life._save(s.name, rec)
-        s.record_written = True
-        await asyncio.to_thread(self._marker, s)
         return {"status": "running", "pid": st.pid, "node": self.node, "timings": timings}
 
     # ---- commit / abort / status
 
-    async def commit(self, sid: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
-        s = self.get(sid)
-        if s.status not in ("restored", "committed"):
-            raise _err(ErrorCode.CONFLICT, f"{self.node}: session {sid} is {s.status}")
-        s.status = "committed"
-        if reports:
-            await asyncio.to_thread(save_reports, self.daemon.state, s.name, reports)
+    async def commit(self, msg: wire.Commit, caller: str) -> dict[str, Any]:
+        s = self.get(msg.sid, caller)
+        if s.status not in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
+            raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} is {s.status}")
+        s.status = wire.TargetStatus.COMMITTED
+        if msg.reports:
+            await asyncio.to_thread(save_reports, self.daemon.state, s.name, list(msg.reports))
         lazy_ok = None
         if s.lazy is not None:
             try:
@@ -464,31 +542,44 @@ class TargetSide:
         return {"ok": True, "lazy_ok": lazy_ok, "relay_bytes": relay,
                 "wire_bytes": s.wire_bytes + relay}
 
-    async def status(self, sid: str) -> dict[str, Any]:
+    async def status(self, sid: str, caller: str | None) -> wire.TargetStatus:
         s = self.sessions.get(sid)
-        if s is None:
-            return {"status": "unknown"}
-        s.touch()
-        return {"status": s.status}
+        if s is not None and (caller is None or s.source == caller):
+            s.touch()
+            return s.status
+        # forgotten (committed, or a restart): a record made by this session says so
+        recs = await asyncio.to_thread(self.daemon.state.list, KIND_CNVMS)
+        if any(r.get("teleport_sid") == sid for r in recs.values()):
+            return wire.TargetStatus.RESTORED
+        return wire.TargetStatus.UNKNOWN
 
-    async def abort(self, sid: str, why: str = "aborted by the source") -> dict[str, Any]:
+    async def abort(self, sid: str, caller: str | None,
+                    why: str = "aborted by the source") -> wire.TargetStatus:
         """Undo the session. A restored (running) cnvm is never aborted: it is ours."""
         s = self.sessions.get(sid)
-        if s is None:
-            return {"status": "unknown"}
-        if s.status in ("restored", "committed"):
-            return {"status": s.status}
-        log.warning("teleport %s of %s from %s aborted on the target: %s", sid, s.name,
-                    s.source, why)
-        s.status = "aborted"
-        await self._cleanup(s)
-        return {"status": "aborted"}
+        if s is None or (caller is not None and s.source != caller):
+            return await self.status(sid, caller)
+        async with s.lock:  # never while a restore runs: it ends one way or the other
+            if s.status in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
+                return s.status
+            log.warning("teleport %s of %s from %s aborted on the target: %s", sid, s.name,
+                        s.source, why)
+            await self._unwind(s, why)
+        return wire.TargetStatus.ABORTED
+
+    async def _unwind(self, s: Session, why: str) -> None:
+        s.status = wire.TargetStatus.ABORTED
+        if s.watchdog is not None and s.watchdog is not asyncio.current_task():
+            s.watchdog.cancel()
+        steps = await s.stack.unwind()
+        self.sessions.pop(s.sid, None)
+        log.info("teleport %s: target unwound (%s): %s", s.sid, why, ", ".join(steps))
 
     async def _watch(self, s: Session) -> None:
         """Abort a session whose source went quiet (vanished, link cut) before restore."""
-        while s.status in ("prepared", "restoring"):
+        while s.status in (wire.TargetStatus.PREPARED, wire.TargetStatus.RESTORING):
             await asyncio.sleep(min(1.0, s.lease / 4))
-            if s.busy or s.status != "prepared":
+            if s.busy or s.status is not wire.TargetStatus.PREPARED:
                 continue
             if s.page_server is not None and s.page_server.returncode is None:
                 # A pre-dump round streams into it (rounds can outlast the lease on a
@@ -497,10 +588,10 @@ class TargetSide:
                 continue
             if time.monotonic() - s.last_seen > s.lease:
                 with contextlib.suppress(Exception):
-                    await self.abort(s.sid, f"no word from {s.source} for {s.lease:g}s")
+                    await self.abort(s.sid, None, f"no word from {s.source} for {s.lease:g}s")
                 return
 
-    async def _stop_procs(self, s: Session) -> None:
+    async def stop_helpers(self, s: Session) -> None:
         for p in (s.page_server, s.lazy):
             if p is not None and p.returncode is None:
                 proc.kill_group(p.pid)
@@ -509,79 +600,33 @@ class TargetSide:
         if s.relay is not None:
             await s.relay.close()
 
-    async def _keep_logs(self, s: Session) -> None:
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(keep_logs, s.dir, self.daemon.config.state_dir, s.name,
-                                    "target")
-
-    async def _cleanup(self, s: Session) -> None:
-        await self._stop_procs(s)
-        await self._keep_logs(s)
-        life = self.daemon.services.get("lifecycle")
-        await cleanup_leftovers(self.daemon, s.name, s.dir, bundle_made=s.bundle_made,
-                                record_written=s.record_written, life=life, runc=self.runc)
-        self.sessions.pop(s.sid, None)
-
     async def _forget(self, s: Session) -> None:
-        await self._stop_procs(s)
-        await self._keep_logs(s)
+        await self.stop_helpers(s)
+        if s.watchdog is not None:
+            s.watchdog.cancel()
+        await self.keep_session_logs(s.name, s.dir)
         await asyncio.to_thread(_umount_under, s.dir)
         await asyncio.to_thread(shutil.rmtree, s.dir, True)
         self.sessions.pop(s.sid, None)
 
-    async def recover(self) -> None:
-        """At daemon start: finish sessions a crash interrupted (from their markers)."""
-        if not self.base.is_dir():
-            return
-        for d in sorted(self.base.iterdir()):
-            if d.name in self.sessions:  # arrived after this start: alive
-                continue
-            try:
-                m = json.loads((d / "session.json").read_text())
-            except (OSError, ValueError):
-                m = {}
-            name = m.get("name")
-            if m.get("status") in ("restored", "committed"):
-                log.info("teleport %s: %s arrived before the restart; keeping it", d.name, name)
-                await asyncio.to_thread(_umount_under, d)
-                await asyncio.to_thread(shutil.rmtree, d, True)
-                continue
-            log.warning("teleport %s of %s was interrupted by a restart: cleaning up",
-                        d.name, name)
-            if name:
-                await cleanup_leftovers(self.daemon, name, d,
-                                        bundle_made=bool(m.get("bundle_made")),
-                                        record_written=bool(m.get("record_written")),
-                                        life=self.daemon.services.get("lifecycle"),
-                                        runc=self.runc, kill_in_dir=True)
-            else:
-                await asyncio.to_thread(_umount_under, d)
-                await asyncio.to_thread(shutil.rmtree, d, True)
+    async def shutdown(self) -> None:
+        """Daemon stop: stop watching; what is on disk is resolved by the next start."""
+        for s in list(self.sessions.values()):
+            if s.watchdog is not None:
+                s.watchdog.cancel()
 
 
-async def cleanup_leftovers(daemon: Any, name: str, sdir: Path, *, bundle_made: bool,
-                            record_written: bool, life: Any, runc: Runc,
-                            kill_in_dir: bool = False) -> None:
-    """Remove everything a target session may have made; every step tolerates absence."""
-    if kill_in_dir:  # CRIU helpers of a crashed daemon: found by their cwd-less argv
-        await asyncio.to_thread(_kill_criu_helpers, sdir)
-    with contextlib.suppress(Exception):
-        await runc.destroy(name)
-    with contextlib.suppress(Exception):
-        await netmove.plumbing(daemon).destroy(name)
-    if life is not None:
-        paths = life.paths(name)
-        if bundle_made:
-            from cnvmd import bundle
-
-            with contextlib.suppress(Exception):
-                await bundle.unmount_rootfs(paths)
-            await asyncio.to_thread(shutil.rmtree, paths.dir, True)
-        if record_written:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(daemon.state.delete, KIND_CNVMS, name)
-    await asyncio.to_thread(_umount_under, sdir)
-    await asyncio.to_thread(shutil.rmtree, sdir, True)
+def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, Any]:
+    """The cnvm's record here, from its validated spec (nothing else of the source's)."""
+    sp = s.spec
+    return {"name": sp.name, "runc_id": sp.name, "node": node, "image": sp.image,
+            "image_id": sp.image_id, "hostname": sp.hostname, "ip": s.net.ip,
+            "mac": s.net.mac, "memory": sp.memory, "cpus": sp.cpus, "env": dict(sp.env),
+            "cmd": list(sp.cmd), "desired": "running", "created_at": sp.created_at,
+            "started_at": sp.started_at, "bundle": str(paths.dir),
+            "log": str(paths.console_log), "netns": s.netns_path,
+            "teleported_from": s.source, "teleported_at": time.time(),
+            "teleport_sid": s.sid}
 
 
 def _kill_criu_helpers(sdir: Path) -> None:
@@ -617,43 +662,6 @@ class PlainUnpacker(treesync.Unpacker):
         return cls(p, argv)
 
 
-def live_caps(daemon: Any) -> dict[str, Any]:
-    """Capabilities with the live pipe-max-size (the daemon may have raised it)."""
-    if daemon.caps is None:
-        return {"error": daemon.caps_error or "not probed"}
-    d = dict(daemon.caps.to_dict())
-    live = criu.read_pipe_max_size()
-    d["pipe_max_size"] = live
-    d["lazy_pages_ready"] = bool(daemon.caps.uffd_noncoop and live >= criu.LAZY_PIPE_MIN)
-    return d
-
-
-def retarget_config(cfg: dict[str, Any], *, node: str, name: str, netns: str) -> dict[str, Any]:
-    """The source's config.json for this node: own netns path, own cgroup, node label."""
-    out = json.loads(json.dumps(cfg))
-    linux = out.setdefault("linux", {})
-    for ns in linux.get("namespaces", []):
-        if ns.get("type") == "network":
-            ns["path"] = netns
-    from cnvmd import bundle
-
-    linux["cgroupsPath"] = bundle.cgroups_path(node, name)
-    out.setdefault("annotations", {})["org.cnvm.node"] = node
-    return out
-
-
-def save_reports(state: Any, name: str, reports: list[dict[str, Any]]) -> None:
-    state.save(KIND_REPORTS, name, {"reports": reports[-MAX_REPORTS:]})
-
-
-def load_reports(state: Any, name: str) -> list[dict[str, Any]]:
-    try:
-        d = state.load(KIND_REPORTS, name)
-    except Exception:
-        return []
-    return list((d or {}).get("reports", []))
-
-
 def _mkdirs(*dirs: Path) -> None:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
@@ -671,16 +679,25 @@ def _break_images(images: Path) -> None:
         p.write_bytes(b"\0" * 16)
 
 
-def _cgroup_exists(path: str) -> bool:
-    """Whether cgroup `path` exists here, in the unified or any v1 hierarchy."""
+def _cgroup_usable(path: str) -> bool:
+    """Whether cgroup `path` exists here (unified or any v1 hierarchy) and is not frozen:
+    runc refuses to create a container in a frozen cgroup (the source's, while the
+    source copy is still paused, on lab nodes sharing one host)."""
     rel = path.strip("/")
     root = Path("/sys/fs/cgroup")
-    if (root / rel).is_dir():
-        return True
     try:
-        return any((h / rel).is_dir() for h in root.iterdir() if h.is_dir())
+        dirs = [d for d in (root / rel, *(h / rel for h in root.iterdir() if h.is_dir()))
+                if d.is_dir()]
     except OSError:
         return False
+    for d in dirs:
+        for f, frozen in (("freezer.state", "FROZEN"), ("cgroup.freeze", "1")):
+            try:
+                if (d / f).read_text().strip() in (frozen, "FREEZING"):
+                    return False
+            except OSError:
+                continue
+    return bool(dirs)
 
 
 def _own_addresses() -> set[str]:
@@ -695,20 +712,6 @@ def _own_addresses() -> set[str]:
     except OSError:
         pass
     return out
-
-
-def cpu_flags() -> list[str]:
-    """CPU feature flags (x86 `flags`, arm `Features`): a restored process may use any
-    instruction the source CPU had, so the target needs at least those."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return val.split()
-    except OSError:
-        pass
-    return []
 
 
 def _mem_available() -> int:
@@ -748,11 +751,18 @@ def _tail(path: Path, n: int = 4) -> str:
 
 
 async def _receive_append(stream: Any, dest: Path, offset: int) -> int:
-    """Write the stream into dest at offset (truncating there); returns bytes."""
+    """Write the stream into dest at offset (truncating there); returns bytes. The
+    offset may not lie past the file's end (no sparse giant from a bad offset), and
+    dest is never followed if it is a symlink."""
     await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
-    fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW,
+                                 0o644)
     n = 0
     try:
+        size = (await asyncio.to_thread(os.fstat, fd)).st_size
+        if offset > size:
+            raise _err(ErrorCode.INVALID_ARGUMENT, f"offset {offset} is past the end of "
+                       f"{dest.name} ({size} bytes)")
         await asyncio.to_thread(os.ftruncate, fd, offset)
         pos = offset
         while data := await stream.read(links.CHUNK):

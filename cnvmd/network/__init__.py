@@ -5,7 +5,7 @@ follows it, node expose addresses and published ports (issue 5).
 - datapath:  NodeNetwork (cnvm0 + VXLAN + flood list), CnvmNet (per-cnvm netns)
 - addresses: the cluster IPAM wired to the peer mesh and to disk
 - expose:    published ports with kernel NAT (why: see its docstring)
-- service:   Network, the facade deploy/rm/teleport call (daemon.services["network"])
+- service:   Network, the facade deploy/rm/teleport call (the NETWORK service, cnvmd.services)
 - ops:       API ops and daemon hooks (discovered through ``router``)
 """
 

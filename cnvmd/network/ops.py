@@ -1,9 +1,8 @@
 """API ops of the overlay and the daemon hooks that build the Network service.
 
-Discovered by the daemon through ``cnvmd.network.router``. The service is
-published as ``daemon.services["network"]`` (deploy, rm and teleport use it);
-it attaches to the peer mesh as soon as ``daemon.services["peers"]`` appears
-(the peers hook runs after ours: hooks run in module-name order).
+The daemon starts this plug-in after the peer mesh (declared in ``plugin``): the
+service, provided as NETWORK (deploy, rm and teleport use it), attaches to the
+mesh's membership at start, before the peer port opens.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import logging
 from typing import Any
 
 from cnvmd.api import Args, Context, Router
-from proto.messages import ErrorCode, ProtoError
+from cnvmd.services import NETWORK, PEERS, Plugin
+from proto.messages import ProtoError
 
 from .names import NetworkError
 from .service import Network
@@ -25,11 +25,7 @@ _OWNER = r"(node:)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 
 
 def _net(ctx: Context) -> Network:
-    net = ctx.daemon.services.get("network")
-    if net is None:
-        raise ProtoError(ErrorCode.UNAVAILABLE, "the overlay network is not available on "
-                         "this node (see the daemon log)")
-    return net
+    return ctx.daemon.services.require(NETWORK)
 
 
 def _underlay_local(config: Any) -> str | None:
@@ -49,15 +45,15 @@ def _proto(exc: NetworkError) -> ProtoError:
     return ProtoError(exc.code, exc.message)
 
 
-@router.on_startup
 async def start_network(daemon: Any) -> None:
     """Create the service; repair what a previous daemon built. Never fails the daemon."""
     try:
         net = Network(daemon.config, store=daemon.state, local=_underlay_local(daemon.config))
     except NetworkError as exc:
         log.error("overlay network disabled: %s", exc)
+        daemon.services.failed(NETWORK, str(exc))
         return
-    daemon.services["network"] = net
+    daemon.services.provide(NETWORK, net)
     try:
         notes = await net.start()
         if notes:
@@ -65,14 +61,13 @@ async def start_network(daemon: Any) -> None:
     except Exception:
         log.exception("overlay network: repair at start failed; `cnvmctl net up` retries")
 
-    from cnvmd.peers.ops import on_peers
+    peers = daemon.services.get(PEERS)
+    if peers is not None:
+        net.attach_peers(peers)
 
-    on_peers(daemon, net.attach_peers)
 
-
-@router.on_shutdown
 async def stop_network(daemon: Any) -> None:
-    net = daemon.services.pop("network", None)
+    net = daemon.services.remove(NETWORK)
     if net is not None:
         await net.close()
 
@@ -187,3 +182,7 @@ async def net_release(ctx: Context, args: Args) -> dict[str, Any]:
     name = args.str("name", pattern=_OWNER)
     args.reject_unknown()
     return {"name": name, "ip": await _run(_net(ctx).release(name))}
+
+
+plugin = Plugin("network", requires=("peers",), router=router, start=start_network,
+                stop=stop_network)

@@ -1,8 +1,8 @@
-"""`Network`: the node's overlay as one service (daemon.services["network"]).
+"""`Network`: the node's overlay as one service (the NETWORK service, cnvmd.services).
 
 Deploy, rm and teleport call this; the API ops (ops.py) are thin wrappers.
 
-    net = daemon.services["network"]
+    net = daemon.services.require(NETWORK)
     ip = await net.allocate("web", want=None)          # cluster-unique, owner = cnvm name
     link = await net.create("web", ip)                  # netns + veth + eth0, up
     cfg["linux"]["namespaces"][..]["path"] = link.netns_path
@@ -209,8 +209,13 @@ class Network:
         """Use the peer mesh: IPAM claims go to every up member; FDB follows membership."""
         self.ipam.peers = MeshPeers(svc)
         self._peer_svc = svc
+        from cnvmd.api import Args, Context
+
         for op in PEER_OPS:
-            svc.register_op(op, lambda args, ctx, _op=op: self.ipam.handle(_op, args))
+            async def handle(ctx: Context, args: Args, _op: str = op) -> Any:
+                return await self.ipam.handle(_op, dict(args))
+
+            svc.router.op(op)(handle)
         self.spawn(self._follow(svc))
 
     async def _follow(self, svc: Any) -> None:

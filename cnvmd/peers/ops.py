@@ -1,20 +1,17 @@
 """API ops of the peer mesh and the daemon start/stop hooks.
 
-Discovered by the daemon through ``cnvmd.peers.router``. The PeerService is
-published as ``daemon.services["peers"]`` for other subsystems (overlay FDB,
-teleport) to use.
+The daemon starts this plug-in (``plugin``) before the subsystems that need the
+mesh; the PeerService is provided as PEERS (cnvmd.services) for them (overlay FDB,
+IPAM, teleport).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from cnvmd.api import Args, Context, Router, Session
-from proto.framing import FrameDecoder, encode_frame
-from proto.messages import ErrorCode, ProtoError, hello, request
+from cnvmd.api import Args, Context, Router, dispatch
+from cnvmd.services import PEERS, Plugin
 
 from .service import PeerService
 from .trust import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
@@ -25,27 +22,9 @@ router = Router()
 
 
 def _svc(ctx: Context) -> PeerService:
-    svc = ctx.daemon.services.get("peers")
-    if svc is None:
-        why = ctx.daemon.services.get("peers_error")
-        raise ProtoError(ErrorCode.UNAVAILABLE, "the peer mesh is not running on this node"
-                         + (f": {why}" if why else ""))
-    return svc
+    return ctx.daemon.services.require(PEERS)
 
 
-PEER_HOOKS = "peers.hooks"
-
-
-def on_peers(daemon: Any, attach: Callable[[PeerService], None]) -> None:
-    """Call `attach(svc)` with the peer service before it serves (or now, if it does)."""
-    svc = daemon.services.get("peers")
-    if svc is not None:
-        attach(svc)
-    else:
-        daemon.services.setdefault(PEER_HOOKS, []).append(attach)
-
-
-@router.on_startup
 async def start_peers(daemon: Any) -> None:
     caps: dict[str, Any] = {}
     if getattr(daemon, "caps", None) is not None:
@@ -54,27 +33,24 @@ async def start_peers(daemon: Any) -> None:
         except Exception:
             caps = {}
     caps.update({k: v for k, v in (getattr(daemon, "versions", {}) or {}).items() if v})
-    svc = PeerService(daemon.config, capabilities=_msgpackable(caps))
-    svc.set_forward_handler(lambda op, args, emit: run_local_op(daemon, op, args, emit))
-    # Subsystems register their peer ops and streams before the port opens, so a peer
-    # never meets a member that answers "unknown peer op" while it starts.
-    for attach in daemon.services.pop(PEER_HOOKS, []):
-        attach(svc)
+    # Every subsystem's peer ops and stream kinds are in daemon.peer_router before the
+    # port opens, so a peer never meets a member that answers "unknown peer op".
+    svc = PeerService(daemon.config, capabilities=_msgpackable(caps),
+                      router=daemon.peer_router, api_router=daemon.router, daemon=daemon)
     try:
         await svc.start()
     except OSError as exc:
         # The node's cnvms must not suffer for a busy port: serve local ops, say why.
         log.error("peer mesh not started: cannot listen on %s:%s: %s",
                   daemon.config.listen_address, daemon.config.peer_port, exc)
-        daemon.services["peers_error"] = str(exc)
+        daemon.services.failed(PEERS, str(exc))
         await svc.stop()
         return
-    daemon.services["peers"] = svc
+    daemon.services.provide(PEERS, svc)
 
 
-@router.on_shutdown
 async def stop_peers(daemon: Any) -> None:
-    svc = daemon.services.pop("peers", None)
+    svc = daemon.services.remove(PEERS)
     if svc is not None:
         await svc.stop()
 
@@ -82,38 +58,6 @@ async def stop_peers(daemon: Any) -> None:
 def _msgpackable(d: dict[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in d.items()
             if isinstance(v, str | int | float | bool | type(None) | list)}
-
-
-async def run_local_op(daemon: Any, op: str, args: dict[str, Any],
-                       emit: Callable[[str, dict[str, Any]], None]) -> Any:
-    """Run an API op of this daemon for a peer, through a private api.Session, so the
-    op sees exactly what a local client would cause (validation, events, cancel)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-    dec = FrameDecoder()
-
-    def write(data: bytes) -> None:
-        for msg in dec.feed(data):
-            t = msg.get("t")
-            if t == "evt":
-                emit(str(msg.get("event")), msg.get("data") or {})
-            elif t == "res" and not fut.done():
-                if msg.get("ok"):
-                    fut.set_result(msg.get("result"))
-                else:
-                    fut.set_exception(ProtoError.from_wire(msg.get("error")))
-
-    def close() -> None:
-        if not fut.done():
-            fut.set_exception(ProtoError(ErrorCode.INTERNAL, "session closed"))
-
-    sess = Session(daemon.router, daemon, write, close)
-    sess.feed(encode_frame(hello("cnvmd-peer")))
-    sess.feed(encode_frame(request(1, op, args)))
-    try:
-        return await fut
-    finally:
-        sess.lost()
 
 
 @router.op("cluster.init")
@@ -166,6 +110,9 @@ async def forward(ctx: Context, args: Args) -> Any:
     timeout = args.float("timeout", None, min=0.0)
     args.reject_unknown()
     svc = _svc(ctx)
-    if node == svc.name:
-        return await run_local_op(ctx.daemon, op, op_args, ctx.emit)
+    if node == svc.name:  # as a request of its own: same events, cancel, errors
+        return await dispatch(ctx.daemon.router, ctx.nested(op), op, op_args)
     return await svc.forward(node, op, op_args, timeout=timeout, on_event=ctx.emit)
+
+
+plugin = Plugin("peers", router=router, start=start_peers, stop=stop_peers)

@@ -51,10 +51,13 @@ class PeerStream:
     """
 
     def __init__(self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes],
-                 node: str, kind: str, *, server: bool = False) -> None:
+                 node: str, kind: str, *, server: bool = False, daemon: Any = None) -> None:
         self.reader = reader
         self.writer = writer
         self.node = node
+        self.daemon = daemon
+        """On the serving side: the daemon, so a handler reaches its subsystem's
+        services the way an op does through ``ctx.daemon``."""
         self.kind = kind
         self.server = server
         self.accept: dict[str, Any] = {}
@@ -70,11 +73,22 @@ class PeerStream:
         except (asyncssh.Error, OSError) as exc:
             raise StreamAborted(f"stream {self.kind} with {self.node} lost: {exc}") from None
         if not data and not self.server:
-            sig = self.writer.channel.get_exit_signal()
+            sig = self._exit_signal()
             if sig is not None:
                 raise StreamAborted(f"{self.node} aborted stream {self.kind}: "
                                     f"{sig[2] or sig[0]}")
         return data
+
+    def _exit_signal(self) -> tuple[str, bool, str, str] | None:
+        """The far side's exit-signal (name, core_dumped, msg, lang), if it sent one.
+
+        Only the opening side (an SSHClientChannel) receives ``exit-signal``: that is
+        how a serving side's ``abort()`` arrives. asyncssh's SSHWriter types its
+        channel as the SSHChannel base, so narrow it."""
+        chan = self.writer.channel
+        if isinstance(chan, asyncssh.SSHClientChannel):
+            return chan.get_exit_signal()
+        return None
 
     async def readexactly(self, n: int) -> bytes:
         return await self.reader.readexactly(n)
@@ -108,7 +122,7 @@ class PeerStream:
         except (asyncssh.Error, OSError) as exc:
             raise StreamAborted(f"stream {self.kind} with {self.node} lost: {exc}") from None
         if msg is None and not self.server:
-            sig = self.writer.channel.get_exit_signal()
+            sig = self._exit_signal()
             if sig is not None:
                 raise StreamAborted(f"{self.node} aborted stream {self.kind}: "
                                     f"{sig[2] or sig[0]}")

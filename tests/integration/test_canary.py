@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from cnvmd import netlink
-from cnvmd.lab import Lab
 from cnvmd.runtime import start_log_shim
+from cnvmlab.lab import Lab
 from tests.teleportlab import CLIENT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

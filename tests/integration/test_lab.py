@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cnvmd import labpaths, netlink, proc
-from cnvmd.lab import Lab
+from cnvmd import netlink, proc
 from cnvmd.runtime import mounts_under
+from cnvmlab import paths as labpaths
+from cnvmlab.lab import Lab
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +110,7 @@ async def test_down_from_a_fresh_process_after_a_crash(tmp_path: Path):
         await lab.down()
     script = textwrap.dedent(f"""
         import asyncio, os, signal
-        from cnvmd.lab import Lab
+        from cnvmlab.lab import Lab
         async def main():
             lab = Lab({LAB!r}, nodes=2)
             await lab.up(start_daemons=False)

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from cnvmd import labpaths, netlink
-from cnvmd.lab import Lab
+from cnvmd import netlink
+from cnvmlab import paths as labpaths
+from cnvmlab.lab import Lab
 from tests import imagebuild
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

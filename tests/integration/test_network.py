@@ -24,10 +24,10 @@ import pytest
 
 from cnvmd import netlink, proc
 from cnvmd.config import Config
-from cnvmd.lab import Lab
 from cnvmd.network import Network, NetworkError, NodeNetwork, mac_for_ip
 from cnvmd.network.names import BRIDGE, VXLAN, bridge_mac, host_veth, host_veth_mac, vxlan_mac
 from cnvmd.state import StateStore
+from cnvmlab.lab import Lab
 from proto.messages import ErrorCode
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -350,8 +350,8 @@ async def start_node_daemon(lab: Lab, node: str) -> Path:
     import os
     import sys
 
-    from cnvmd import labpaths
-    from cnvmd.lab import REPO
+    from cnvmlab import paths as labpaths
+    from cnvmlab.lab import REPO
 
     run = labpaths.node_run_dir(lab.name, node)
     run.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ async def test_cluster_lifecycle_through_cnvmd(daemons: dict[str, Daemon]) -> No
 
 
 async def _lab_call(lab: Any, node: str, op: str, args: dict[str, Any] | None = None) -> Any:
-    from cnvmd import labpaths
+    from cnvmlab import paths as labpaths
 
     async with await Client.connect(labpaths.node_socket(lab.name, node)) as c:
         return await c.call(op, args or {}, timeout=30)
@@ -173,7 +173,7 @@ async def _lab_call(lab: Any, node: str, op: str, args: dict[str, Any] | None = 
 
 async def _stop_lab_daemon(lab: Any, node: str) -> None:
     """SIGTERM the cnvmd the lab started for `node` (its recorded pid only)."""
-    from cnvmd.lab import _proc_start_time
+    from cnvmlab.lab import _proc_start_time
 
     rec = lab._load()["pids"][f"cnvmd-{node}"]
     if _proc_start_time(rec["pid"]) != rec["start"]:

@@ -16,8 +16,8 @@ import pytest
 
 from cnvmd import netlink
 from cnvmd.criu import LAZY_PIPE_MIN, read_pipe_max_size
-from cnvmd.lab import Lab
 from cnvmd.runtime import start_log_shim
+from cnvmlab.lab import Lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from cnvmd import labpaths, netlink, proc
+from cnvmd import netlink, proc
+from cnvmlab import paths as labpaths
 from proto.messages import ProtoError
 from tests.teleportlab import TeleLab
 

@@ -144,8 +144,24 @@ def test_logfmt_formatter() -> None:
     assert term[:4].isdigit() and "Z level=warning" in term
 
 
-def test_discover_routers_merges_core_ops() -> None:
-    router, loaded, failed = daemon_mod.discover_routers()
-    assert {"status", "ls", "inspect", "ping", "ops"} <= set(router.ops)
-    assert "cnvmd.core" in loaded and "cnvmd.inventory" in loaded
-    assert isinstance(failed, dict)
+def test_plugins_start_in_declared_order_and_peer_ops_stay_apart() -> None:
+    plugins, failed = daemon_mod.load_plugins()
+    assert failed == {}
+    names = [p.name for p in plugins]
+    for p in plugins:  # every plug-in starts after what it requires
+        assert all(names.index(r) < names.index(p.name) for r in p.requires), p
+    api, peer = daemon_mod.merge_routers(plugins)
+    assert {"status", "ls", "inspect", "ping", "ops", "teleport"} <= set(api.ops)
+    assert "teleport.prepare" in peer.ops and "teleport.data" in peer.streams
+    assert not set(api.ops) & set(peer.ops)  # target ops never on the API socket
+
+
+def test_plugin_order_refuses_cycles_and_unknown_requirements() -> None:
+    from cnvmd.services import Plugin, PluginError, start_order
+
+    a, b = Plugin("a", requires=("b",)), Plugin("b")
+    assert [p.name for p in start_order([a, b])] == ["b", "a"]
+    with pytest.raises(PluginError, match="cycle"):
+        start_order([Plugin("a", requires=("b",)), Plugin("b", requires=("a",))])
+    with pytest.raises(PluginError, match="unknown"):
+        start_order([Plugin("a", requires=("zz",))])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cnvmd import netlink
-from cnvmd.lab import Lab
 from cnvmd.runtime import ContainerState, _runc_log_tail, _tail
+from cnvmlab.lab import Lab
 
 pytestmark = pytest.mark.unit
 

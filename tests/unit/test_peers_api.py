@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from cnvmd import core
-from cnvmd.api import Router
+from cnvmd.api import Context, Router, dispatch
 from cnvmd.config import Config
 from cnvmd.peers import ops
+from cnvmd.services import PEERS, Services
 from proto.messages import ErrorCode, ProtoError
 
 pytestmark = pytest.mark.unit
@@ -35,7 +36,8 @@ class FakeDaemon:
         self.router = Router()
         self.router.include(ops.router)
         self.router.include(core.router)
-        self.services: dict[str, Any] = {}
+        self.peer_router = Router()
+        self.services = Services()
         self.caps = None
         self.versions = {"criu": "4.2.1"}
         self.adopted: dict[str, Any] = {}
@@ -48,8 +50,17 @@ class FakeDaemon:
         return {"t": "hello", "proto": version, "agent": "test", "node": self.node_name,
                 "version": "0"}
 
-    async def op(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        return await ops.run_local_op(self, op, args or {}, lambda _n, _d: None)
+    async def op(self, op: str, args: dict[str, Any] | None = None,
+                 events: list[tuple[str, dict[str, Any]]] | None = None) -> Any:
+        """Run an API op in process, as the socket would (same dispatch and errors)."""
+        sink = events.append if events is not None else None
+        ctx = Context.local(op, daemon=self,
+                            on_event=(lambda n, d: sink((n, d))) if sink else None)
+        return await dispatch(self.router, ctx, op, args or {})
+
+    @property
+    def peers(self) -> Any:
+        return self.services.require(PEERS)
 
 
 async def test_api_ops_end_to_end(tmp_path: Path) -> None:
@@ -70,11 +81,11 @@ async def test_api_ops_end_to_end(tmp_path: Path) -> None:
         assert ei.value.code == ErrorCode.INVALID_ARGUMENT
         tok = await d1.op("cluster.token", {"ttl": 30})
         assert tok["expires"] > time.time() + 25
-        port1 = d1.services["peers"].port
+        port1 = d1.peers.port
         res = await d2.op("join", {"peer": f"127.0.0.1:{port1}", "token": tok["token"]})
         assert res["members"] == ["node1", "node2"]
         tok = await d2.op("cluster.token")
-        await d3.op("join", {"peer": f"127.0.0.1:{d2.services['peers'].port}",
+        await d3.op("join", {"peer": f"127.0.0.1:{d2.peers.port}",
                              "token": tok["token"]})
 
         async def converged() -> bool:
@@ -102,6 +113,18 @@ async def test_api_ops_end_to_end(tmp_path: Path) -> None:
         with pytest.raises(ProtoError) as ei:
             await d1.op("forward", {"node": "node3", "op": "no.such.op"})
         assert ei.value.code == ErrorCode.UNKNOWN_OP
+        # A peer op is not an API op: forward cannot reach it.
+        with pytest.raises(ProtoError) as ei:
+            await d1.op("forward", {"node": "node3", "op": "peer.ping"})
+        assert ei.value.code == ErrorCode.UNKNOWN_OP
+        # Events of the forwarded op reach the API caller (mesh → this node's request).
+        for target in ("node3", "node1"):
+            evs: list[tuple[str, dict[str, Any]]] = []
+            res = await d1.op("forward", {"node": target, "op": "ping",
+                                          "args": {"delay": 0.25}}, events=evs)
+            assert res["node"] == target
+            assert evs and all(n == "progress" and d["phase"] == "wait" for n, d in evs)
+            assert evs[-1][1]["done"] == evs[-1][1]["total"] == 250
 
         await d1.op("cluster.remove", {"node": "node3"})
         for _ in range(100):
@@ -122,7 +145,7 @@ async def test_busy_port_keeps_daemon_up(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", d.config.peer_port))
         s.listen()
         await ops.start_peers(d)
-    assert "peers" not in d.services
+    assert PEERS not in d.services
     with pytest.raises(ProtoError, match="not running") as ei:
         await d.op("nodes")
     assert ei.value.code == ErrorCode.UNAVAILABLE

@@ -1,5 +1,6 @@
 """Three in-process nodes on 127.0.0.1: enrolment, gossip, failure detection, refusals,
-RPC and bulk streams. No root, no namespaces: only loopback with per-node ports."""
+RPC (peer ops on a Router, API ops through peer.forward) and bulk streams. No root, no
+namespaces: only loopback with per-node ports."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from cnvmd.api import Args, Context, Router
 from cnvmd.config import Config
 from cnvmd.peers import PeerService
 from cnvmd.peers.service import ENROLL_USER
@@ -33,6 +35,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What a subsystem declares: peer-only ops and stream kinds on its own Router, merged
+# into each node's peer router (as the daemon merges every plug-in's peer_router).
+SUBSYSTEM_PEER = Router()
+
+
+@SUBSYSTEM_PEER.op("test.whoami")
+async def whoami(ctx: Context, args: Args) -> dict[str, Any]:
+    """Who asked, and who answered."""
+    ctx.emit("seen", {"by": ctx.daemon["name"]})
+    return {"caller": ctx.node, "callee": ctx.daemon["name"], "x": args.int("x", 0)}
+
+
+@SUBSYSTEM_PEER.stream("test.upper")
+async def upper(stream: Any, args: dict[str, Any]) -> None:
+    await stream.write_frame({"ok": True, "from": stream.node})
+    while data := await stream.read():
+        await stream.write(data.upper())
+    stream.write_eof()
+
+
+def api_router(name: str, log: list[str]) -> Router:
+    """Each node's *API* ops (what cnvmctl reaches), reachable by peers only by forward."""
+    r = Router()
+
+    @r.op("deploy")
+    async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
+        """A stand-in API op: streams progress, checks its args like a real one."""
+        cnvm = args.name("name")
+        args.reject_unknown()
+        ctx.progress("unpack", done=1, total=2)
+        ctx.progress("start", done=2, total=2)
+        return {"ran_on": name, "name": cnvm, "caller": ctx.node}
+
+    @r.op("hang")
+    async def hang(ctx: Context, args: Args) -> None:
+        log.append("started")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    return r
+
+
 class Nodes:
     """Several PeerServices sharing one loop; restartable with the same state/port."""
 
@@ -40,6 +87,7 @@ class Nodes:
         self.root = root
         self.svcs: dict[str, PeerService] = {}
         self.ports: dict[str, int] = {}
+        self.api_log: dict[str, list[str]] = {}
 
     def config(self, name: str) -> Config:
         port = self.ports.setdefault(name, free_port())
@@ -47,7 +95,11 @@ class Nodes:
                       listen_address="127.0.0.1", peer_port=port)
 
     async def start(self, name: str) -> PeerService:
-        svc = PeerService(self.config(name), **FAST)
+        peer = Router()
+        peer.include(SUBSYSTEM_PEER)
+        log = self.api_log.setdefault(name, [])
+        svc = PeerService(self.config(name), router=peer, api_router=api_router(name, log),
+                          daemon={"name": name}, **FAST)  # type: ignore[arg-type]
         await svc.start()
         self.svcs[name] = svc
         return svc
@@ -162,7 +214,7 @@ async def test_broken_link_is_not_a_down_node(cluster: Nodes) -> None:
     alive for the other (heartbeats travel through node2) — the point of gossip."""
     lab = cluster
     n1, n3 = lab.svcs["node1"], lab.svcs["node3"]
-    real = {n1.name: n1._connect, n3.name: n3._connect}
+    real = {n1.name: n1.transport.connect, n3.name: n3.transport.connect}
 
     def cutter(svc: PeerService, peer: str) -> Callable[[str], Any]:
         async def connect(node: str) -> Any:
@@ -171,17 +223,17 @@ async def test_broken_link_is_not_a_down_node(cluster: Nodes) -> None:
             return await real[svc.name](node)
         return connect
 
-    n1._connect = cutter(n1, "node3")  # type: ignore[method-assign]
-    n3._connect = cutter(n3, "node1")  # type: ignore[method-assign]
+    n1.transport.connect = cutter(n1, "node3")  # type: ignore[method-assign]
+    n3.transport.connect = cutter(n3, "node1")  # type: ignore[method-assign]
     await asyncio.sleep(0.5)  # let connects already in flight finish, then cut those too
-    n1._drop_link("node3")
-    n3._drop_link("node1")
+    n1.transport.drop_link("node3")
+    n3.transport.drop_link("node1")
     await asyncio.sleep(2 * FAST["down_after"])
     assert states(n1)["node3"] == "alive" and states(n3)["node1"] == "alive"
     with pytest.raises(ProtoError):
         await n1.call("node3", "peer.ping", timeout=2)
-    n1._connect = real["node1"]  # type: ignore[method-assign]
-    n3._connect = real["node3"]  # type: ignore[method-assign]
+    n1.transport.connect = real["node1"]  # type: ignore[method-assign]
+    n3.transport.connect = real["node3"]  # type: ignore[method-assign]
     await healthy(lab)
 
 
@@ -331,7 +383,7 @@ async def test_rpc_roundtrip_events_errors_cancel(cluster: Nodes) -> None:
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
-    async def work(args: dict[str, Any], ctx: Any) -> Any:
+    async def work(ctx: Context, args: Args) -> Any:
         for i in range(3):
             ctx.emit("progress", {"done": i})
         if args.get("fail"):
@@ -346,7 +398,7 @@ async def test_rpc_roundtrip_events_errors_cancel(cluster: Nodes) -> None:
         blob = bytes(args["blob"])
         return {"from": ctx.node, "sha": hashlib.sha256(blob).hexdigest()}
 
-    n3.register_op("test.work", work)
+    n3.router.op("test.work")(work)
     blob = os.urandom(1 << 20)
     evs: list[int] = []
     res = await n1.call("node3", "test.work", {"blob": blob},
@@ -368,23 +420,79 @@ async def test_rpc_roundtrip_events_errors_cancel(cluster: Nodes) -> None:
     assert [r["echo"] for r in res] == list(range(200))
 
 
-async def test_forward_api_op(cluster: Nodes) -> None:
-    lab = cluster
-    calls: list[tuple[str, dict]] = []
-
-    async def fwd(op: str, args: dict[str, Any], emit: Callable[..., None]) -> Any:
-        calls.append((op, args))
-        emit("progress", {"phase": "deploy"})
-        return {"ran_on": "node3", "op": op}
-
-    lab.svcs["node3"].set_forward_handler(fwd)
-    evs: list[str] = []
-    res = await lab.svcs["node1"].forward("node3", "deploy", {"name": "x"},
-                                          on_event=lambda n, d: evs.append(d["phase"]))
-    assert res == {"ran_on": "node3", "op": "deploy"} and calls == [("deploy", {"name": "x"})]
-    assert evs == ["deploy"]
+async def test_peer_op_on_router_served_over_ssh(cluster: Nodes) -> None:
+    """A subsystem's peer op (on a Router merged into the node's peer router) runs on the
+    callee over the real SSH channel, with ctx.node = the caller; so does a stream kind."""
+    n1, n2 = cluster.svcs["node1"], cluster.svcs["node2"]
+    evs: list[tuple[str, dict[str, Any]]] = []
+    res = await n1.call("node2", "test.whoami", {"x": 5},
+                        on_event=lambda n, d: evs.append((n, d)))
+    assert res == {"caller": "node1", "callee": "node2", "x": 5}
+    assert evs == [("seen", {"by": "node2"})]
+    assert (await n2.call("node1", "test.whoami"))["caller"] == "node2"
+    # In-process call to itself: same op, same dispatch, ctx.node = itself.
+    assert await n1.call("node1", "test.whoami", {"x": 1}) == {
+        "caller": "node1", "callee": "node1", "x": 1}
+    # The handler's argument checks answer as on the API socket.
     with pytest.raises(ProtoError) as ei:
-        await lab.svcs["node1"].forward("node2", "deploy", {})
+        await n1.call("node2", "test.whoami", {"x": "five"})
+    assert ei.value.code == ErrorCode.INVALID_ARGUMENT
+    # API ops are not peer ops: the peer router does not have them.
+    with pytest.raises(ProtoError) as ei:
+        await n1.call("node2", "deploy", {"name": "x"})
+    assert ei.value.code == ErrorCode.UNKNOWN_OP
+    # Stream kinds from the router are served next to the built-ins.
+    stream = await n1.open_stream("node2", "test.upper")
+    assert stream.accept["from"] == "node1"
+    await stream.write(b"hello mesh")
+    stream.write_eof()
+    got = b""
+    while chunk := await stream.read():
+        got += chunk
+    stream.close()
+    assert got == b"HELLO MESH"
+    with pytest.raises(ValueError, match="registered twice"):
+        n2.register_stream("test.upper", upper)
+
+
+async def test_forward_api_op(cluster: Nodes) -> None:
+    """peer.forward runs the callee's API op within the peer request: its events arrive
+    as the request's events, its result is the reply, cancel reaches it."""
+    lab = cluster
+    n1 = lab.svcs["node1"]
+    evs: list[tuple[str, str]] = []
+    res = await n1.forward("node3", "deploy", {"name": "web"},
+                           on_event=lambda n, d: evs.append((n, d["phase"])))
+    assert res == {"ran_on": "node3", "name": "web", "caller": "node1"}
+    assert evs == [("progress", "unpack"), ("progress", "start")]
+    # To itself: in process, same engine.
+    assert (await n1.forward("node1", "deploy", {"name": "db"}))["ran_on"] == "node1"
+    # Validation errors of the API op come back as they would to cnvmctl.
+    with pytest.raises(ProtoError) as ei:
+        await n1.forward("node3", "deploy", {"name": "web", "memroy": 1})
+    assert ei.value.code == ErrorCode.INVALID_ARGUMENT
+    # Unknown API op.
+    with pytest.raises(ProtoError) as ei:
+        await n1.forward("node3", "no.such.op", {})
+    assert ei.value.code == ErrorCode.UNKNOWN_OP
+    assert "deploy" in ei.value.details.get("ops", [])
+    # A peer op is not an API op: forward refuses it.
+    for peer_op in ("peer.ping", "test.whoami", "peer.forward"):
+        with pytest.raises(ProtoError) as ei:
+            await n1.forward("node3", peer_op, {})
+        assert ei.value.code == ErrorCode.UNKNOWN_OP, peer_op
+    # Cancelling the caller cancels the forwarded API op on the callee.
+    log = lab.api_log["node3"]
+    task = asyncio.create_task(n1.forward("node3", "hang", {}))
+    await wait_for(lambda: "started" in log, what="hang started")
+    task.cancel()
+    await wait_for(lambda: "cancelled" in log, what="hang cancelled")
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # A node without API router refuses forward.
+    lab.svcs["node2"].rpc.api_router = None
+    with pytest.raises(ProtoError) as ei:
+        await n1.forward("node2", "deploy", {"name": "x"})
     assert ei.value.code == ErrorCode.UNAVAILABLE
 
 

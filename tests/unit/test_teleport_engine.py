@@ -1,5 +1,5 @@
 """Pure parts of the teleport engine: the pre-copy round loop against policy.Convergence,
-config retargeting, and the lazy-page relay's EOF-vs-RST rule (loopback TCP only)."""
+and the lazy-page relay's EOF-vs-RST rule (loopback TCP only)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from cnvmd.migration.policy import Convergence, Decision
 from cnvmd.migration.precopy import final_mode, run_rounds
-from cnvmd.migration.target import retarget_config
 from cnvmd.peers.streams import splice
 
 pytestmark = pytest.mark.unit
@@ -63,18 +62,6 @@ async def test_rounds_are_capped():
     sizes = [1_000_000_000 // (2 ** i) for i in range(20)]  # halves, but slowly fits
     res = await rounds_of(sizes, 10e6, Convergence(max_downtime=0.3, max_rounds=4))
     assert len(res.rounds) == 4 and res.decision is Decision.GIVE_UP
-
-
-def test_retarget_config_points_at_the_target_netns_and_cgroup():
-    cfg = {"annotations": {"org.cnvm.node": "node1", "org.cnvm.name": "web"},
-           "linux": {"cgroupsPath": "/cnvm/node1/web",
-                     "namespaces": [{"type": "pid"},
-                                    {"type": "network", "path": "/run/netns/l-node1-web"}]}}
-    out = retarget_config(cfg, node="node3", name="web", netns="/run/netns/l-node3-web")
-    assert out["linux"]["namespaces"][1]["path"] == "/run/netns/l-node3-web"
-    assert out["linux"]["cgroupsPath"] == "/cnvm/node3/web"
-    assert out["annotations"]["org.cnvm.node"] == "node3"
-    assert cfg["linux"]["cgroupsPath"] == "/cnvm/node1/web"  # the source's copy untouched
 
 
 class FakeStream:

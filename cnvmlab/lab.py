@@ -2,9 +2,9 @@
 
 `<lab>-node1..N` and `<lab>-client` each have a veth `ul0` into a bridge in
 `<lab>-ul` (the underlay switch) with an address from 198.18.0.0/24
-(labpaths.underlay_address). With `up(start_daemons=True)` a real cnvmd runs in
+(paths.underlay_address). With `up(start_daemons=True)` a real cnvmd runs in
 every node's namespace with per-lab socket, state dir and runc root
-(labpaths), so `cnvmctl --lab L --node nodeK` reaches node K.
+(cnvmlab.paths), so `cnvmctl --lab L --node nodeK` reaches node K.
 
 Tests, benchmarks, the demo and `cnvmctl lab` all use this class. Teardown
 must work from a fresh process after a crash, so everything the lab makes is
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnvmd import labpaths, netlink, proc
+from cnvmd import netlink, proc
 from cnvmd.runtime import Runc, _umount_under, mounts_under
+from cnvmlab import paths
 
 UL_BRIDGE = "br0"  # inside <lab>-ul
 UL_IF = "ul0"  # each host's underlay interface
@@ -70,15 +71,15 @@ class LabError(Exception):
 class Lab:
     """A named lab of `nodes` node hosts plus a client host."""
 
-    def __init__(self, name: str = labpaths.DEFAULT_LAB, nodes: int = 3,
+    def __init__(self, name: str = paths.DEFAULT_LAB, nodes: int = 3,
                  python: str | None = None) -> None:
-        self.name = labpaths.check_lab_name(name)
+        self.name = paths.check_lab_name(name)
         if not 1 <= nodes <= 200:
             raise ValueError("nodes must be between 1 and 200")
         self.nodes = nodes
         self.python = python or sys.executable
-        self.run_dir = labpaths.RUN_BASE / name
-        self.state_base = labpaths.STATE_BASE / name
+        self.run_dir = paths.RUN_BASE / name
+        self.state_base = paths.STATE_BASE / name
         self.state_file = self.run_dir / "lab.json"
 
     # ---- naming
@@ -96,18 +97,18 @@ class Lab:
         return ["client", *self.node_names]
 
     def netns(self, host: str) -> str:
-        return labpaths.netns_name(self.name, host)
+        return paths.netns_name(self.name, host)
 
     @property
     def ul_netns(self) -> str:
         return self.netns("ul")
 
     def underlay_ip(self, host: str) -> str:
-        return labpaths.underlay_address(0 if host == "client" else int(host[4:]))
+        return paths.underlay_address(0 if host == "client" else int(host[4:]))
 
     def runc(self, node: str) -> Runc:
         """A Runc for node's runc root, running runc inside the node's namespace."""
-        return Runc(labpaths.node_runc_root(self.name, node), netns=self.netns(node))
+        return Runc(paths.node_runc_root(self.name, node), netns=self.netns(node))
 
     # ---- state file
 
@@ -150,9 +151,9 @@ class Lab:
         try:
             await self._build_network()
             for node in self.node_names:
-                for d in (labpaths.node_run_dir(self.name, node),
-                          labpaths.node_state_dir(self.name, node),
-                          labpaths.node_runc_root(self.name, node)):
+                for d in (paths.node_run_dir(self.name, node),
+                          paths.node_state_dir(self.name, node),
+                          paths.node_runc_root(self.name, node)):
                     d.mkdir(parents=True, exist_ok=True)
             if start_daemons:
                 await asyncio.gather(*(self.start_daemon(n, timeout=daemon_timeout)
@@ -183,17 +184,17 @@ class Lab:
 
     async def start_daemon(self, node: str, *, timeout: float = 15.0) -> int:
         """Start cnvmd for node inside its namespace; wait until its socket exists."""
-        sock = labpaths.node_socket(self.name, node)
-        run_dir = labpaths.node_run_dir(self.name, node)
+        sock = paths.node_socket(self.name, node)
+        run_dir = paths.node_run_dir(self.name, node)
         run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         argv = proc.netns_argv(self.netns(node), [
             self.python, "-m", "cnvmd", "--node-name", node,
             "--socket", str(sock),
-            "--state-dir", str(labpaths.node_state_dir(self.name, node)),
+            "--state-dir", str(paths.node_state_dir(self.name, node)),
             "--run-dir", str(run_dir),
-            "--runc-root", str(labpaths.node_runc_root(self.name, node)),
+            "--runc-root", str(paths.node_runc_root(self.name, node)),
             # the nodes share one /run/netns: per-node cnvm namespaces, found by down()
             "--netns-prefix", f"{self.prefix}{node}-",
         ])
@@ -229,7 +230,7 @@ class Lab:
         """One API request to a node's daemon."""
         from proto.client import Client
 
-        c = await Client.connect(labpaths.node_socket(self.name, node), agent="lab")
+        c = await Client.connect(paths.node_socket(self.name, node), agent="lab")
         try:
             return await c.call(op, args or {}, timeout=timeout)
         finally:
@@ -295,7 +296,7 @@ class Lab:
             rec = pids.get(f"cnvmd-{h}")
             pid = rec["pid"] if rec else None
             alive = bool(rec) and _proc_start_time(rec["pid"]) == rec["start"]
-            sock = labpaths.node_socket(self.name, h) if h.startswith("node") else None
+            sock = paths.node_socket(self.name, h) if h.startswith("node") else None
             out.append(HostStatus(
                 host=h, netns=ns, exists=netlink.netns_exists(ns),
                 underlay="" if h == "ul" else self.underlay_ip(h),
@@ -354,7 +355,7 @@ class Lab:
         return notes
 
     def _runc_roots(self) -> list[Path]:
-        roots = {labpaths.node_runc_root(self.name, n) for n in self.node_names}
+        roots = {paths.node_runc_root(self.name, n) for n in self.node_names}
         if self.run_dir.exists():
             roots |= {p for p in self.run_dir.glob("*/runc") if p.is_dir()}
             roots |= {p for p in self.run_dir.glob("*/runc-*") if p.is_dir()}
