@@ -446,10 +446,11 @@ class TargetSide:
             timings["pages_wait"] = time.monotonic() - t0
         # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup v2
         # runc's cgroup-root remap does not apply): runc must track that same cgroup, or
-        # its pause and the next teleport's freeze miss the tasks. A per-node path only
-        # where the source's cgroup exists here (lab nodes sharing one host).
+        # its pause and the next teleport's freeze miss the tasks. So the source's path,
+        # except where that cgroup exists here (lab nodes sharing one host's cgroups):
+        # there each copy needs its own, and this node's per-node path is used.
         src_cg = bundle.cgroups_path(s.source, s.name)
-        cg = src_cg if await asyncio.to_thread(_cgroup_usable, src_cg) else None
+        cg = None if await asyncio.to_thread(_cgroup_exists, src_cg) else src_cg
         await life.write_restore_config(s.name, _record_of(s, self.node, paths),
                                         netns_path=s.netns_path, cgroups_path=cg)
         s.stack.done(TStep.CONFIG)
@@ -679,25 +680,16 @@ def _break_images(images: Path) -> None:
         p.write_bytes(b"\0" * 16)
 
 
-def _cgroup_usable(path: str) -> bool:
-    """Whether cgroup `path` exists here (unified or any v1 hierarchy) and is not frozen:
-    runc refuses to create a container in a frozen cgroup (the source's, while the
-    source copy is still paused, on lab nodes sharing one host)."""
+def _cgroup_exists(path: str) -> bool:
+    """Whether cgroup `path` exists here, in the unified or any v1 hierarchy."""
     rel = path.strip("/")
     root = Path("/sys/fs/cgroup")
+    if (root / rel).is_dir():
+        return True
     try:
-        dirs = [d for d in (root / rel, *(h / rel for h in root.iterdir() if h.is_dir()))
-                if d.is_dir()]
+        return any((h / rel).is_dir() for h in root.iterdir() if h.is_dir())
     except OSError:
         return False
-    for d in dirs:
-        for f, frozen in (("freezer.state", "FROZEN"), ("cgroup.freeze", "1")):
-            try:
-                if (d / f).read_text().strip() in (frozen, "FREEZING"):
-                    return False
-            except OSError:
-                continue
-    return bool(dirs)
 
 
 def _own_addresses() -> set[str]:

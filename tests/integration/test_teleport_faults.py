@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from cnvmd import proc
 from cnvmd.migration.source import FAULT_POINTS
@@ -31,7 +32,8 @@ from cnvmlab.lab import REPO
 from proto.messages import ErrorCode, ProtoError
 from tests.teleportlab import TeleLab
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.asyncio(loop_scope="module")]
 
 AS_MEMBER = r"""
 # A member's raw peer RPC: node1's own key, straight onto node2's rpc channel.
@@ -66,7 +68,7 @@ NAME = "tf1"
 LAB = "lf"
 
 
-@pytest.fixture(scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def flab(tmp_path_factory: pytest.TempPathFactory):
     tl = TeleLab(LAB, 2)
     try:
