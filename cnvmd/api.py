@@ -1,8 +1,8 @@
 """The daemon's request API: an op registry (Router) and a Unix-socket server.
 
-Subsystems never edit the server. A module in the ``cnvmd`` package that defines a
-module-level ``router = Router()`` is discovered by the daemon at start, and its ops
-and start/stop hooks are merged into the daemon's:
+Subsystems never edit the server. Each subsystem's plug-in (cnvmd.services.Plugin,
+listed in cnvmd.daemon.PLUGIN_MODULES) carries a ``Router`` of its API ops; the
+daemon merges them (and, apart, every plug-in's peer-only router):
 
     router = Router()
 
@@ -15,8 +15,7 @@ and start/stop hooks are merged into the daemon's:
         raise ProtoError(ErrorCode.ALREADY_EXISTS, f"cnvm {name} exists")  # clean error
         return {"name": name}                         # msgpack-able result
 
-    @router.on_startup
-    async def adopt(daemon: Daemon) -> None: ...
+    plugin = Plugin("lifecycle", router=router, start=start_lifecycle)
 
 Every request runs in its own task, so a slow op never delays others on the same
 connection; ``cancel`` cancels that task (handlers see CancelledError, clean up,
@@ -72,7 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cnvmd.api")
 
 Handler = Callable[["Context", "Args"], Awaitable[Any]]
-Hook = Callable[["Daemon"], Awaitable[None]]
 StreamHandler = Callable[["PeerStream", dict[str, Any]], Awaitable[Any]]
 """Receiving side of a peer-mesh bulk stream: ``async def h(stream, args)``."""
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -101,13 +99,11 @@ _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 
 class Router:
-    """A set of ops and stream kinds plus start/stop hooks; routers merge with `include`."""
+    """A set of ops and stream kinds; routers merge with `include`."""
 
     def __init__(self) -> None:
         self.ops: dict[str, OpSpec] = {}
         self.streams: dict[str, StreamHandler] = {}
-        self.startup: list[Hook] = []
-        self.shutdown: list[Hook] = []
 
     def op(self, name: str, *, cancel_on_disconnect: bool = True,
            summary: str | None = None) -> Callable[[Handler], Handler]:
@@ -150,16 +146,6 @@ class Router:
 
         return deco
 
-    def on_startup(self, fn: Hook) -> Hook:
-        """Run `await fn(daemon)` after config/state/probe, before the socket opens."""
-        self.startup.append(fn)
-        return fn
-
-    def on_shutdown(self, fn: Hook) -> Hook:
-        """Run `await fn(daemon)` on SIGTERM after requests were cancelled (reverse order)."""
-        self.shutdown.append(fn)
-        return fn
-
     def include(self, other: Router) -> None:
         for name, spec in other.ops.items():
             if name in self.ops:
@@ -171,8 +157,6 @@ class Router:
                 raise ValueError(f"stream kind {kind!r} defined by both "
                                  f"{self.streams[kind].__module__} and {fn.__module__}")
             self.streams[kind] = fn
-        self.startup.extend(other.startup)
-        self.shutdown.extend(other.shutdown)
 
 
 # --------------------------------------------------------------------------- arguments

@@ -230,6 +230,30 @@ class Lifecycle:
             netns_path=netns_path, ip=rec.get("ip"),
             annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
 
+    async def mount_arriving(self, name: str, image_id: str) -> None:
+        """The overlay rootfs of a cnvm that is arriving by teleport (its upper dir
+        streams in while the source still runs)."""
+        img = self.images.resolve(image_id)
+        await bundle.mount_rootfs(self.paths(name), img.layer_dirs)
+
+    async def drop_bundle(self, name: str) -> None:
+        """Unmount and remove a cnvm's bundle dir (an arrival that is undone)."""
+        await bundle.destroy(self.paths(name))
+
+    async def forget_record(self, name: str, *, teleport_sid: str) -> bool:
+        """Delete the record of `name` only if teleport `teleport_sid` wrote it."""
+        rec = await self.record(name)
+        if rec is None or rec.get("teleport_sid") != teleport_sid:
+            return False
+        await asyncio.to_thread(self.state.delete, KIND, name)
+        return True
+
+    async def arrived_by(self, teleport_sid: str) -> str | None:
+        """The cnvm whose record teleport `teleport_sid` wrote here, if any."""
+        recs = await asyncio.to_thread(self.state.list, KIND)
+        return next((n for n, r in recs.items() if r.get("teleport_sid") == teleport_sid),
+                    None)
+
     async def save_record(self, name: str, rec: dict[str, Any]) -> None:
         """Write a cnvm's record (a teleport target adopting a restored cnvm)."""
         bundle.check_name(name)

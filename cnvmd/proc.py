@@ -94,3 +94,20 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def pids_with_arg(fragment: bytes, *, any_of: tuple[bytes, ...] = ()) -> list[int]:
+    """Processes whose command line contains `fragment` (and, if given, one of
+    `any_of`): what a killed daemon left running for a session dir. Blocking."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        if fragment in argv and (not any_of or any(x in argv for x in any_of)):
+            out.append(int(d))
+    return out

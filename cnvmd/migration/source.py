@@ -80,6 +80,7 @@ class Effect(enum.StrEnum):
     """Side effects of the source, each with its undo (see `SourceUndo`)."""
 
     TARGET_PREPARED = "target_prepared"
+    PREDUMPING = "predumping"  # pre-copy rounds: a killed pre-dump can leave it frozen
     PAUSED = "paused"
     ISOLATED = "isolated"
     CRIU = "criu"
@@ -138,7 +139,8 @@ class SourceUndo:
         self.relay: links.Relay | None = None
 
     def undo(self, effect: str) -> Callable[[], Awaitable[None]]:
-        fn = {Effect.TARGET_PREPARED: self.abort_target, Effect.PAUSED: self.resume,
+        fn = {Effect.TARGET_PREPARED: self.abort_target, Effect.PREDUMPING: self.resume,
+              Effect.PAUSED: self.resume,
               Effect.ISOLATED: self.reconnect, Effect.CRIU: self.stop_criu}[Effect(effect)]
         return fn
 
@@ -201,23 +203,18 @@ class SourceUndo:
 
 
 def kill_session_procs(sdir: Path) -> int:
-    """Kill the process groups of runc/CRIU commands whose argv names this session dir
-    (what a killed daemon left running). Blocking: /proc scan."""
-    key = str(sdir).encode()
-    n = 0
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read()
-        except OSError:
-            continue
-        if key in argv:
-            with contextlib.suppress(OSError):
-                proc.kill_group(int(d))
-                n += 1
-    return n
+    """Kill the process groups (runc + its CRIU) of commands naming this session dir:
+    what a killed daemon left running. Blocking."""
+    pids = proc.pids_with_arg(str(sdir).encode())
+    mine = os.getpgrp()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            pgid = os.getpgid(pid)
+            if pgid != mine:
+                os.killpg(pgid, 9)
+            else:
+                os.kill(pid, 9)
+    return len(pids)
 
 
 class Teleport:
@@ -789,6 +786,7 @@ class Teleport:
                              "nodes")
         assert self.link is not None
         await self.enter(Phase.PRECOPY)
+        await self.effect(Effect.PREDUMPING)
         conv = Convergence(max_downtime=self.opts.max_downtime, max_rounds=self.opts.max_rounds)
 
         async def dump_round(i: int) -> int:

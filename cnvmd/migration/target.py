@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cnvmd.teleport")
 
-KIND_CNVMS = "cnvms"
 RESTORE_TIMEOUT = 30.0
 PAGE_SERVER_WAIT = 20.0
 
@@ -145,7 +144,7 @@ class TargetUndo:
         await netmove.plumbing(self.side.daemon).destroy(self.name)
 
     async def bundle(self) -> None:
-        await bundle.destroy(self.side.life.paths(self.name))
+        await self.side.life.drop_bundle(self.name)
 
     async def helpers(self) -> None:
         if self.s is not None:
@@ -162,10 +161,7 @@ class TargetUndo:
             await self.side.runc.destroy(self.name)
 
     async def record(self) -> None:
-        life = self.side.life
-        rec = await life.record(self.name)
-        if rec is not None and rec.get("teleport_sid") == self.dir.name:
-            await asyncio.to_thread(life.state.delete, KIND_CNVMS, self.name)
+        await self.side.life.forget_record(self.name, teleport_sid=self.dir.name)
 
 
 class TargetSide:
@@ -292,7 +288,7 @@ class TargetSide:
         if TEffect.BUNDLE in s.stack:
             return
         await s.stack.push(TEffect.BUNDLE, TargetUndo(self, s.name, s.dir, s).bundle)
-        await bundle.mount_rootfs(self.life.paths(s.name), img.layer_dirs)
+        await self.life.mount_arriving(s.name, img.id)
 
     # ---- data streams
 
@@ -549,8 +545,7 @@ class TargetSide:
             s.touch()
             return s.status
         # forgotten (committed, or a restart): a record made by this session says so
-        recs = await asyncio.to_thread(self.daemon.state.list, KIND_CNVMS)
-        if any(r.get("teleport_sid") == sid for r in recs.values()):
+        if await self.life.arrived_by(sid) is not None:
             return wire.TargetStatus.RESTORED
         return wire.TargetStatus.UNKNOWN
 
@@ -632,18 +627,9 @@ def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, An
 
 def _kill_criu_helpers(sdir: Path) -> None:
     """Kill page-server / lazy-pages processes whose argv names this session dir."""
-    key = str(sdir).encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read()
-        except OSError:
-            continue
-        if key in argv and (b"page-server" in argv or b"lazy-pages" in argv):
-            with contextlib.suppress(OSError):
-                os.kill(int(d), 9)
+    for pid in proc.pids_with_arg(str(sdir).encode(), any_of=(b"page-server", b"lazy-pages")):
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
 
 
 # --------------------------------------------------------------------------- helpers

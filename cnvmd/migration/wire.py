@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 from cnvmd.migration.netmove import NetInfo
 from cnvmd.migration.policy import Mode
@@ -68,6 +68,8 @@ def bad(field_name: str, why: str) -> ProtoError:
     return ProtoError(ErrorCode.INVALID_ARGUMENT, f"teleport: {field_name} {why}",
                       {"arg": field_name})
 
+
+E = TypeVar("E", bound=enum.Enum)
 
 # Reader's methods shadow these names inside the class:
 _str: TypeAlias = builtins.str
@@ -156,6 +158,15 @@ class Reader:
         if len(v) > max_items:
             raise bad(f"{self.what}.{key}", f"has more than {max_items} entries")
         return dict(v)
+
+    def choice(self, key: _str, enum_type: type[E]) -> E:
+        """A string that must name a member of `enum_type` (a StrEnum)."""
+        v = self.str(key, max_len=32)
+        try:
+            return enum_type(v)
+        except ValueError:
+            raise bad(f"{self.what}.{key}", f"must be one of "
+                      f"{', '.join(str(m.value) for m in enum_type)}; got {v!r}") from None
 
     def done(self) -> None:
         extra = sorted(str(k) for k in self.raw if k not in self.seen)
@@ -358,12 +369,7 @@ class Prepare:
     def from_wire(cls, raw: Any) -> Prepare:
         r = Reader(raw, "prepare")
         _version(r)
-        mode = r.str("mode", max_len=16)
-        try:
-            m = Mode(mode)
-        except ValueError:
-            raise bad("prepare.mode", f"is not a mode: {mode!r}") from None
-        msg = cls(sid=r.str("sid", SID_RE, max_len=21), mode=m,
+        msg = cls(sid=r.str("sid", SID_RE, max_len=21), mode=r.choice("mode", Mode),
                   spec=CnvmSpec.from_wire(r.map("spec", 64)),
                   image=ImageRef.from_wire(r.map("image", 16)),
                   net=net_from_wire(r.map("net", 8)),
@@ -554,11 +560,7 @@ class DataHeader:
     def from_wire(cls, raw: Any) -> DataHeader:
         r = Reader(raw, "data")
         _version(r)
-        what = r.str("what", max_len=16)
-        try:
-            kind = DataKind(what)
-        except ValueError:
-            raise bad("data.what", f"is not a data kind: {what!r}") from None
+        kind = r.choice("what", DataKind)
         digest = r.str("digest", DIGEST_RE, max_len=71, required=kind is DataKind.BLOB)
         msg = cls(sid=r.str("sid", SID_RE, max_len=21), what=kind,
                   offset=r.int("offset", 0, 1 << 40, required=False) or 0, digest=digest)

@@ -153,6 +153,9 @@ async def kill_during(tl: TeleLab, who: str, hold: str, mode: str) -> Any:
         assert time.monotonic() < end, f"never reached {hold}: {phases}"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
+    # while it is in flight, `inspect` shows the session on the source
+    info = await tl.call("node1", "inspect", {"name": NAME})
+    assert [x["side"] for x in info["teleport_sessions"]] == ["source"], info
     await tl.kill_daemon(who)
     if who == "node1":
         with pytest.raises(Exception):  # noqa: B017 - the caller's daemon is gone
@@ -189,6 +192,16 @@ async def test_killed_source_after_switchover_keeps_it_on_the_target(flab: TeleL
     # and back, so the module's cnvm ends where it began
     rep = await flab.call("node2", "teleport", {"name": NAME, "target": "node1",
                                                 "mode": "stop-copy"}, timeout=120)
+    assert rep["ok"]
+    await running_once_on(flab, "node1")
+
+
+async def test_killed_target_after_switchover_keeps_it_there(flab: TeleLab):
+    out = await kill_during(flab, "node2", "switched", "stop-copy")
+    assert isinstance(out, dict) and out["ok"], out  # the source had let go already
+    await running_once_on(flab, "node2")
+    rep = await flab.call("node2", "teleport", {"name": NAME, "target": "node1",
+                                                "mode": "postcopy"}, timeout=120)
     assert rep["ok"]
     await running_once_on(flab, "node1")
 

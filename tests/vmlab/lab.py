@@ -265,9 +265,12 @@ class VMLab:
         def one(i: int) -> str:
             g = self.guests[i]
             sock = DAEMON_SOCKET
-            self.ssh(i, "systemctl stop lv-cnvmd.service 2>/dev/null; "
+            # fault_injection: the teleport test hooks (fail_at) for the fault lane
+            self.ssh(i, "printf 'fault_injection = true\\n' > /etc/lv-cnvmd.toml; "
+                        "systemctl stop lv-cnvmd.service 2>/dev/null; "
                         "systemctl reset-failed lv-cnvmd.service 2>/dev/null; "
                         f"systemd-run --unit=lv-cnvmd --collect {GUEST_VENV}/bin/cnvmd "
+                        "--config /etc/lv-cnvmd.toml "
                         f"--node-name {g.name} --socket {sock} --state-dir /var/lib/cnvm "
                         "--run-dir /run/cnvm --runc-root /run/cnvm/runc "
                         f"--listen-address {g.ip}")

@@ -35,7 +35,7 @@ import pytest
 from tests import imagebuild
 from tests.teleportlab import CLIENT
 
-from .lab import VMLab
+from .lab import DAEMON_SOCKET, GUEST_SRC, GUEST_VENV, VMLab
 
 pytestmark = [pytest.mark.vmlab, pytest.mark.slow]
 
@@ -297,3 +297,43 @@ def test_precopy_then_hybrid(served: tuple[VMLab, Client, str]) -> None:
                               "client_stall_s": round(r["_client_stall"], 3),
                               "rounds": [(x["kind"], x["bytes"], x["seconds"])
                                          for x in r["rounds"]]} for r in reps}}))
+
+
+FAULT_CALL = r"""
+import asyncio, json, sys
+from proto.client import Client
+from proto.messages import ProtoError
+
+async def main():
+    async with await Client.connect(sys.argv[1]) as c:
+        try:
+            r = await c.call("teleport", json.loads(sys.argv[2]), timeout=900)
+            print(json.dumps({"ok": True, "report": r}))
+        except ProtoError as e:
+            print(json.dumps({"ok": False, "code": str(e.code), "message": e.message,
+                              "report": e.details.get("report")}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("fault", ["criu", "dumped", "target:config"])
+def test_precopy_fault_unwinds_to_the_source(served: tuple[VMLab, Client, str],
+                                             fault: str) -> None:
+    """Engine v2 in the precopy mode (soft-dirty kernels only): a failure right after
+    CRIU starts, after the final dump, or on the target after its config is written,
+    unwinds to a cnvm that runs once, on the source, with its connection and file."""
+    lab, c, ip = served
+    src = next(i for i in range(lab.n)
+               if NAME in [x["name"] for x in _json(lab.cnvmctl(i, "--json ls"))])
+    dst = 1 - src
+    args = {"name": NAME, "target": lab.guests[dst].name, "mode": "precopy",
+            "fail_at": fault}
+    r = lab.ssh(src, f"cd {GUEST_SRC} && {GUEST_VENV}/bin/python -c "
+                     f"{shlex.quote(FAULT_CALL)} {DAEMON_SOCKET} "
+                     f"{shlex.quote(json.dumps(args))}", timeout=900)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not out["ok"] and "fault injected" in out["message"], out
+    assert out["report"]["rolled_back"], out
+    c.wait_more(20, timeout=180)
+    _assert_on(lab, c, ip, src)
