@@ -317,11 +317,12 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("fault", ["criu", "dumped", "target:config"])
+@pytest.mark.parametrize("fault", ["predumping", "criu", "dumped", "target:config"])
 def test_precopy_fault_unwinds_to_the_source(served: tuple[VMLab, Client, str],
                                              fault: str) -> None:
-    """Engine v2 in the precopy mode (soft-dirty kernels only): a failure right after
-    CRIU starts, after the final dump, or on the target after its config is written,
+    """Engine v2 in the precopy mode (soft-dirty kernels only): a failure as the rounds
+    begin, right after CRIU starts, after the final dump, or on the target after its
+    config is written,
     unwinds to a cnvm that runs once, on the source, with its connection and file."""
     lab, c, ip = served
     src = next(i for i in range(lab.n)
