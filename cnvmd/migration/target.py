@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnvmd import bundle, criu, proc
-from cnvmd.migration import journal, netmove, treesync, wire
+from cnvmd.migration import journal, netmove, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.policy import Mode
 from cnvmd.migration.report import keep_logs, save_reports
@@ -491,6 +491,8 @@ class TargetSide:
             timings["lazy_daemon"] = time.monotonic() - t0
             s.stack.done(TStep.LAZY)
         pipe = await start_log_shim(paths.console_log)
+        # the restored sockets' window probes tell which byte each client waits on
+        cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
         t_r = time.monotonic()
         await s.stack.push(TEffect.RESTORED, TargetUndo(self, s.name, s.dir, s).restored)
         try:
@@ -498,10 +500,16 @@ class TargetSide:
                                          stdio=pipe.write_fd, tcp_established=True,
                                          lazy_pages=msg.lazy, timeout=RESTORE_TIMEOUT)
         except RuncError as exc:
+            if cap is not None:
+                cap.close()
             raise _err(ErrorCode.FAILED, f"restore on {self.node} failed: {exc}") from None
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
+        if cap is not None:  # clients in RTO backoff retransmit now, not in a second
+            acks = await asyncio.to_thread(cap.acks)
+            n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
+            timings["rto_nudged"] = float(n)
         if st.status == "paused":  # dumped from a frozen cgroup
             await self.runc.resume(s.name)
         await s.stack.push(TEffect.RECORD, TargetUndo(self, s.name, s.dir, s).record)
@@ -610,6 +618,15 @@ class TargetSide:
         for s in list(self.sessions.values()):
             if s.watchdog is not None:
                 s.watchdog.cancel()
+
+
+def _capture(ifname: str, ip: str) -> tcprepair.Capture | None:
+    try:
+        return tcprepair.Capture.open(ifname, ip)
+    except OSError as exc:
+        log.warning("cannot watch %s for window probes (%s): clients may wait for their "
+                    "retransmission timeout", ifname, exc)
+        return None
 
 
 def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, Any]:
