@@ -41,6 +41,7 @@ import grp
 import logging
 import os
 import re
+import reprlib
 import socket
 import stat
 import struct
@@ -51,7 +52,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import msgpack
 
-from proto.framing import HEADER_SIZE, MAX_FRAME, FrameDecoder, FrameError
+from proto.framing import (
+    HEADER_SIZE,
+    MAX_DEPTH,
+    MAX_FRAME,
+    DecodeLimits,
+    FrameBudget,
+    FrameBusy,
+    FrameDecoder,
+    FrameError,
+)
 from proto.messages import (
     EVT_PROGRESS,
     Cancel,
@@ -81,6 +91,49 @@ MAX_WRITE_BUFFER = 64 * 1024 * 1024
 """A client that lets this much reply data pile up unread is disconnected."""
 HELLO_TIMEOUT = 10.0
 """A connection that has not said hello by then is closed (fd hygiene)."""
+HELLO_MAX_FRAME = 64 * 1024
+"""Largest frame before the hello: an unknown caller gets no big buffer."""
+MAX_REQUEST_FRAME = (8 << 20) + (64 << 10)
+"""Largest request frame on the API socket: `exec` stdin (8 MiB) plus its envelope.
+Below the protocol's MAX_FRAME, which replies and peers may still use."""
+API_DECODE_LIMITS = DecodeLimits(max_depth=MAX_DEPTH, max_containers=1 << 16,
+                                 max_items=1 << 18)
+"""What one API request may decode into (requests are small maps of args)."""
+MAX_ARG_BYTES = 64 * 1024
+"""Longest string of a process argv/env (UTF-8 bytes); the kernel allows 128 KiB."""
+MAX_ARGV_BYTES = 1 << 20
+"""Longest argv (or env) in all; execve() refuses more than about 2 MiB together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiLimits:
+    """Bounds of the Unix-socket API, so that no client can exhaust the daemon.
+
+    From cnvmd.toml (`api_max_connections`, `api_frame_timeout`, `api_idle_timeout`,
+    `api_read_budget`); documented in proto/README.md section 1 and the README.
+    """
+
+    max_connections: int = 256
+    """Open connections; past ``max_connections - root_reserve`` only root gets in."""
+    root_reserve: int = 16
+    frame_timeout: float = 30.0
+    """A frame once begun must be complete within this (slow senders are closed)."""
+    idle_timeout: float = 300.0
+    """A greeted connection with nothing in flight and no bytes for this is closed."""
+    max_request_frame: int = MAX_REQUEST_FRAME
+    read_budget: int = 32 << 20
+    """Bytes that partly received frames above 64 KiB may hold on all connections
+    together; a large frame beyond it is refused with BUSY."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> ApiLimits:
+        base = cls()
+        return cls(
+            max_connections=int(getattr(config, "api_max_connections", base.max_connections)),
+            frame_timeout=float(getattr(config, "api_frame_timeout", base.frame_timeout)),
+            idle_timeout=float(getattr(config, "api_idle_timeout", base.idle_timeout)),
+            read_budget=int(getattr(config, "api_read_budget", base.read_budget)),
+        )
 
 
 # --------------------------------------------------------------------------- registry
@@ -162,11 +215,18 @@ class Router:
 # --------------------------------------------------------------------------- arguments
 
 _REQUIRED: Any = object()
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def show(v: Any) -> str:
+    """A bounded repr for error messages: a hostile value (deep, huge) stays short."""
+    return _REPR.repr(v)
 
 
 def _bad(key: str, why: str) -> ProtoError:
-    return ProtoError(ErrorCode.INVALID_ARGUMENT, f"argument {key!r} {why}", {"arg": key})
+    return ProtoError(ErrorCode.INVALID_ARGUMENT, f"argument {show(key)} {why}", {"arg": key})
 
 
 # Args has getters named after builtins (str, int, float, bool, list, ...), which
@@ -183,6 +243,8 @@ class Args(Mapping[str, Any]):
 
     ``args.str("image")`` is required; pass ``default=`` to make a key optional.
     Call ``args.reject_unknown()`` after reading to refuse typos like ``--memroy``.
+    Strings read by a getter never hold NUL (nothing downstream — paths, argv, names,
+    runc, iptables — can carry one) and patterns must match the whole string.
     """
 
     def __init__(self, raw: dict[str, Any]) -> None:
@@ -217,10 +279,12 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be a string, got {type(v).__name__}")
         if len(v) > max_len:
             raise _bad(key, f"is longer than {max_len} characters")
+        if "\0" in v:
+            raise _bad(key, "must not contain NUL characters")
         if pattern is not None and not re.fullmatch(pattern, v):
-            raise _bad(key, f"must match {pattern}, got {v!r}")
+            raise _bad(key, f"must match {pattern}, got {show(v)}")
         if choices is not None and v not in choices:
-            raise _bad(key, f"must be one of {', '.join(choices)}; got {v!r}")
+            raise _bad(key, f"must be one of {', '.join(choices)}; got {show(v)}")
         return v
 
     def bytes(self, key: _str, default: Any = _REQUIRED, *, max_len: _int = 8 << 20) -> Any:
@@ -241,8 +305,8 @@ class Args(Mapping[str, Any]):
         have, v = self._get(key, default)
         if not have:
             return v
-        if not isinstance(v, str) or not _DNS_LABEL.match(v):
-            raise _bad(key, f"must be a DNS label (a-z, 0-9, '-', 1-63 chars), got {v!r}")
+        if not isinstance(v, str) or not _DNS_LABEL.fullmatch(v):
+            raise _bad(key, f"must be a DNS label (a-z, 0-9, '-', 1-63 chars), got {show(v)}")
         return v
 
     def int(self, key: _str, default: Any = _REQUIRED, *, min: _int | None = None,
@@ -277,12 +341,49 @@ class Args(Mapping[str, Any]):
             raise _bad(key, f"must be true or false, got {type(v).__name__}")
         return v
 
-    def list(self, key: _str, default: Any = _REQUIRED, *, of: type = builtins.str) -> Any:
+    def list(self, key: _str, default: Any = _REQUIRED, *, of: type = builtins.str,
+             max_items: _int = 4096, max_len: _int = 4096) -> Any:
+        """A list of `of`; strings in it obey the rules of `str` (NUL, `max_len`)."""
         have, v = self._get(key, default)
         if not have:
             return v
         if not isinstance(v, list) or not all(isinstance(x, of) for x in v):
             raise _bad(key, f"must be a list of {of.__name__}")
+        if len(v) > max_items:
+            raise _bad(key, f"has more than {max_items} items")
+        for x in v:
+            if isinstance(x, str):
+                if len(x) > max_len:
+                    raise _bad(key, f"has an item longer than {max_len} characters")
+                if "\0" in x:
+                    raise _bad(key, "must not contain NUL characters")
+        return v
+
+    def argv(self, key: _str, default: Any = _REQUIRED, *, max_items: _int = 4096,
+             max_arg: _int = MAX_ARG_BYTES, max_total: _int = MAX_ARGV_BYTES) -> Any:
+        """A process argv or env list: strings without NUL, each at most `max_arg` bytes
+        of UTF-8 and `max_total` together, so what execve() (via runc) would refuse is
+        INVALID_ARGUMENT here, not a failure deep inside."""
+        have, v = self._get(key, default)
+        if not have:
+            return v
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _bad(key, "must be a list of strings")
+        if len(v) > max_items:
+            raise _bad(key, f"has more than {max_items} items")
+        total = 0
+        for x in v:
+            if "\0" in x:
+                raise _bad(key, "must not contain NUL characters")
+            try:
+                n = len(x.encode())
+            except UnicodeEncodeError:  # lone surrogates cannot reach a process
+                raise _bad(key, "must be valid Unicode text") from None
+            if n > max_arg:
+                raise _bad(key, f"has an item longer than {max_arg} bytes")
+            total += n + 1
+        if total > max_total:
+            raise _bad(key, f"is longer than {max_total} bytes in all")
         return v
 
     def map(self, key: _str, default: Any = _REQUIRED) -> Any:
@@ -296,7 +397,7 @@ class Args(Mapping[str, Any]):
         if extra:
             raise ProtoError(ErrorCode.INVALID_ARGUMENT,
                              f"unknown argument{'s' if len(extra) > 1 else ''}: "
-                             + ", ".join(map(repr, extra)), {"args": extra})
+                             + ", ".join(map(show, extra[:20])), {"args": extra[:100]})
 
 
 # --------------------------------------------------------------------------- context
@@ -390,7 +491,7 @@ class Context:
 
 
 def unknown_op(router: Router, op: str) -> ProtoError:
-    return ProtoError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", {"ops": sorted(router.ops)})
+    return ProtoError(ErrorCode.UNKNOWN_OP, f"unknown op {show(op)}", {"ops": sorted(router.ops)})
 
 
 async def run_op(spec: OpSpec, ctx: Context, args: Mapping[str, Any]) -> Any:
@@ -473,10 +574,14 @@ class Session:
                  buffered: Callable[[], int] = lambda: 0,
                  tasks: set[asyncio.Task[Any]] | None = None, greeted: bool = False,
                  node: str | None = None,
-                 drain: Callable[[], Awaitable[None]] | None = None) -> None:
+                 drain: Callable[[], Awaitable[None]] | None = None,
+                 max_frame: int = MAX_FRAME, limits: DecodeLimits | None = None,
+                 budget: FrameBudget | None = None) -> None:
         """`greeted`: the transport already authenticated the caller (peer mesh): no
         hello. `node`: the calling member (``ctx.node``). `drain`: the transport's own
-        flow control, if it has no pause/resume_writing callbacks (SSH channels)."""
+        flow control, if it has no pause/resume_writing callbacks (SSH channels).
+        `max_frame`, `limits`, `budget`: what a caller may make us buffer and decode
+        (see proto.framing); before the hello, frames are at most HELLO_MAX_FRAME."""
         self.router = router
         self.daemon = daemon
         self.peer = peer
@@ -485,7 +590,14 @@ class Session:
         self._close = close
         self._buffered = buffered
         self._drain = drain
-        self._decoder = FrameDecoder(MAX_FRAME)
+        self._max_frame = max_frame
+        kw: dict[str, Any] = {"budget": budget}
+        if limits is not None:
+            kw["limits"] = limits
+        self._decoder = FrameDecoder(max_frame if greeted else min(max_frame, HELLO_MAX_FRAME),
+                                     **kw)
+        self.last_active = time.monotonic()
+        """When the caller last sent a byte or a request of it ended (idle timeout)."""
         self._inflight: dict[Any, tuple[asyncio.Task[Any], OpSpec]] = {}
         self._all_tasks = tasks if tasks is not None else set()
         self._greeted = greeted
@@ -499,18 +611,39 @@ class Session:
     def feed(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_active = time.monotonic()
         try:
             for f in self._decoder.feed_iter(data):
                 self._frame(f)
                 if self.closed:
                     return
+        except FrameBusy as exc:
+            self._fatal(ErrorCode.BUSY, str(exc))
         except FrameError as exc:
             self._fatal(ErrorCode.BAD_FRAME, str(exc))
+
+    @property
+    def greeted(self) -> bool:
+        return self._greeted
+
+    def expire(self, now: float, frame_timeout: float, idle_timeout: float) -> None:
+        """Close a greeted connection whose frame is overdue or that sat idle too long
+        (a partly sent frame holds a buffer; an idle one holds a connection slot)."""
+        if self.closed or not self._greeted:
+            return
+        since = self._decoder.partial_since
+        if since is not None:
+            if now - since > frame_timeout:
+                self._fatal(ErrorCode.BAD_FRAME,
+                            f"frame not completed within {frame_timeout:g}s")
+        elif not self._inflight and now - self.last_active > idle_timeout:
+            self._fatal(ErrorCode.UNAVAILABLE, f"connection idle for {idle_timeout:g}s")
 
     def lost(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._decoder.close()
         self._drained.set()
         for task, spec in list(self._inflight.values()):
             if spec.cancel_on_disconnect:
@@ -581,6 +714,7 @@ class Session:
                     self.close()
                 return
             self._greeted = True
+            self._decoder.max_frame = self._max_frame
             self.agent = msg.agent[:100]
             self.send(self.daemon.hello_reply(version))
             return
@@ -632,6 +766,7 @@ class Session:
         entry = self._inflight.get(rid)
         if entry is not None and entry[0] is task:
             del self._inflight[rid]
+            self.last_active = time.monotonic()
             if not self.closed:
                 self._write(encode(error_response(rid, self._cancel_error())))
 
@@ -663,6 +798,7 @@ class Session:
                 self._write(reply)
         finally:
             self._inflight.pop(req.id, None)
+            self.last_active = time.monotonic()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request", extra={"op": req.op, "outcome": outcome, "node": self.node,
                                             "ms": round((time.perf_counter() - t0) * 1e3, 3)})
@@ -680,11 +816,22 @@ class _UnixProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: duck-typed.
         self.transport = transport
+        server = self.server
+        lim = server.limits
+        peer = _peercred(transport)
         self.session = Session(
-            self.server.router, self.server.daemon, transport.write, transport.close,
-            peer=_peercred(transport), buffered=transport.get_write_buffer_size,
-            tasks=self.server.tasks)
-        self.server.sessions.add(self.session)
+            server.router, server.daemon, transport.write, transport.close,
+            peer=peer, buffered=transport.get_write_buffer_size,
+            tasks=server.tasks, max_frame=lim.max_request_frame, limits=API_DECODE_LIMITS,
+            budget=server.budget)
+        # root keeps a reserve of slots: group members cannot lock the operator out
+        cap = lim.max_connections - (0 if peer is not None and peer.uid == 0
+                                     else lim.root_reserve)
+        if len(server.sessions) >= cap:
+            self.session._fatal(ErrorCode.BUSY, f"too many connections ({len(server.sessions)} "
+                                f"open, limit {cap}); retry later")
+            return
+        server.sessions.add(self.session)
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
 
     def _no_hello(self) -> None:
@@ -733,11 +880,17 @@ class SocketInUse(Exception):
 
 
 class ApiServer:
-    """Serves a Router on a Unix socket (mode 0660, group `cnvm` when it exists)."""
+    """Serves a Router on a Unix socket (mode 0660, group `cnvm` when it exists).
 
-    def __init__(self, router: Router, daemon: Any) -> None:
+    `limits` (default: from ``daemon.config``) bound what clients can hold: connections,
+    partial frames (size, time, a budget shared by all connections), idle time."""
+
+    def __init__(self, router: Router, daemon: Any, limits: ApiLimits | None = None) -> None:
         self.router = router
         self.daemon = daemon
+        self.limits = limits or ApiLimits.from_config(getattr(daemon, "config", None))
+        self.budget = FrameBudget(self.limits.read_budget)
+        self._sweeper: asyncio.Task[None] | None = None
         self.sessions: set[Session] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.path: Path | None = None
@@ -758,7 +911,7 @@ class ApiServer:
         a second daemon on the same socket fails before touching anything.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await _clear_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o777 & ~mode)  # no window in which the socket is wider than `mode`
@@ -781,12 +934,29 @@ class ApiServer:
     async def serve(self) -> None:
         """Start accepting connections on the bound socket."""
         assert self._sock is not None, "bind() first"
-        self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _UnixProtocol(self), sock=self._sock)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _UnixProtocol(self), sock=self._sock)
+        self._sweeper = loop.create_task(self._sweep())
         log.info("listening", extra={**self._desc, "ops": len(self.router.ops)})
+
+    async def _sweep(self) -> None:
+        """Close connections past their frame or idle deadline (one timer for all)."""
+        lim = self.limits
+        tick = max(0.05, min(1.0, lim.frame_timeout / 4, lim.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for s in list(self.sessions):
+                try:
+                    s.expire(now, lim.frame_timeout, lim.idle_timeout)
+                except Exception:  # one bad session must not stop the sweep
+                    log.exception("expiring a connection failed")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, cancel in-flight requests (they reply UNAVAILABLE), close."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         elif self._sock is not None:

@@ -26,10 +26,16 @@ Why these choices:
   rootfs, following the image's own symlinks), so a typo fails the deploy with a
   clear message instead of a container that dies at once.
 - Capabilities are Docker's default set: enough for sshd (setuid/setgid, chroot for
-  privilege separation, audit write) without CAP_SYS_ADMIN; noNewPrivileges is off
-  so su/sudo work as in a VM. No /sys/fs/cgroup mount: on this cgroup-v1 host it
-  would add a mount per controller for CRIU to dump and restore, for nothing sshd
-  needs.
+  privilege separation, audit write) without CAP_SYS_ADMIN. No /sys/fs/cgroup mount:
+  on this cgroup-v1 host it would add a mount per controller for CRIU to dump and
+  restore, for nothing sshd needs.
+- The sandbox (`cnvmd.seccomp.Sandbox`): Docker's default seccomp profile unless the
+  cnvm opted out (``seccomp=unconfined``), and noNewPrivileges from the node's
+  `cnvm_no_new_privileges` (default on: setuid binaries such as su/sudo cannot raise
+  privileges; a cnvm that needs them deploys with ``no-new-privileges=false``). CRIU
+  dumps and restores both with the processes. ``oomScoreAdj`` is always written
+  (`cnvm_oom_score_adj`, default 0): an unset one would be inherited from cnvmd,
+  which the shipped unit runs at -500.
 - cgroupsPath is ``/cnvm/<node>/<name>``: during a teleport between two lab nodes
   of one host, source and target copies exist at once.
 - The upper dir holds overlayfs whiteouts (0/0 character devices) and
@@ -50,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cnvmd import proc
+from cnvmd import proc, seccomp
 from cnvmd.state import atomic_write
 from proto.messages import ErrorCode, ProtoError
 
@@ -439,13 +445,20 @@ def runc_config(
     rootfs: Path | None = None,
     workdir: str | None = None,
     annotations: Mapping[str, str] | None = None,
+    sandbox: seccomp.Sandbox | None = None,
+    oom_score_adj: int = 0,
 ) -> dict[str, Any]:
     """The runc config.json for a cnvm.
 
     `rootfs` is the mounted overlay on the host: used to check the command exists
     and to resolve the image's User by name.
     `netns_path` None gives the cnvm a fresh, empty network namespace (tests).
+    `sandbox` None is the default one (seccomp profile, noNewPrivileges).
     """
+    sandbox = sandbox or seccomp.Sandbox()
+    if isinstance(oom_score_adj, bool) or not isinstance(oom_score_adj, int) \
+            or not -1000 <= oom_score_adj <= 1000:
+        raise _bad(f"oom_score_adj {oom_score_adj!r} must be an integer in -1000..1000")
     check_name(name)
     hostname = check_hostname(hostname or name)
     uid, gid = resolve_user(str(image_config.get("User") or ""), rootfs)
@@ -470,7 +483,7 @@ def runc_config(
     if netns_path:
         netns["path"] = netns_path if netns_path.startswith("/") else f"/run/netns/{netns_path}"
 
-    return {
+    cfg: dict[str, Any] = {
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": False,
@@ -480,7 +493,8 @@ def runc_config(
             "cwd": cwd,
             "capabilities": {k: list(CAPS) for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": False,
+            "noNewPrivileges": sandbox.no_new_privileges,
+            "oomScoreAdj": oom_score_adj,
         },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": hostname,
@@ -513,6 +527,9 @@ def runc_config(
                               "/proc/sysrq-trigger"],
         },
     }
+    if sandbox.seccomp:
+        cfg["linux"]["seccomp"] = seccomp.default_profile(CAPS)
+    return cfg
 
 
 async def prepare(

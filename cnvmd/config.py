@@ -44,9 +44,32 @@ class Config:
     """Overlay default gateway for cnvms ("" = none); reserved by IPAM."""
     netns_prefix: str = "cnvm-"
     """Per-cnvm netns are /run/netns/<prefix><name>; a lab node sets `<lab>-<node>-`."""
+    socket_group: str = "cnvm"
+    """Group allowed on the API socket (0660) and its directory (0750); without such a
+    group both are root's only."""
+    api_max_connections: int = 256
+    """Open API connections; the last 16 are kept for root."""
+    api_frame_timeout: float = 30.0
+    """Seconds within which an API frame, once begun, must be complete."""
+    api_idle_timeout: float = 300.0
+    """Seconds an API connection may sit with nothing in flight before it is closed."""
+    api_read_budget: int = 32 << 20
+    """Bytes that partly received API frames above 64 KiB may hold together."""
+    image_max_layer_size: int = 8 << 30
+    """Largest uncompressed layer (bytes) an import unpacks."""
+    image_max_layer_ratio: int = 100
+    """Largest uncompressed:compressed ratio of a layer; a layer may always expand to
+    64 MiB (small layers, tar padding). Both are enforced while the layer streams."""
     log_level: str = "info"
     fault_injection: bool = False
     """Accept the teleport op's test hooks (`hold`, `fail_restore`); test labs only."""
+    cnvm_no_new_privileges: bool = True
+    """noNewPrivileges for cnvm processes: setuid binaries (su, sudo) and file
+    capabilities cannot raise privileges inside. CRIU restores the flag with the
+    processes; a cnvm overrides it with `--security-opt no-new-privileges=false`."""
+    cnvm_oom_score_adj: int = 0
+    """oom_score_adj of cnvm processes (-1000..1000). Always written to config.json, so
+    cnvms never inherit cnvmd's own (-500 under systemd/cnvmd.service)."""
 
     @property
     def images_dir(self) -> Path:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from cnvmd import bundle, proc
+from cnvmd import bundle, proc, seccomp
 from cnvmd.api import Args, Context, Router
 from cnvmd.images import ImageStore
 from cnvmd.runtime import LogPipe, Runc, RuncError, start_log_shim
@@ -111,8 +111,19 @@ class Lifecycle:
 
     def __init__(self, *, node: str, state: StateStore, images: ImageStore, runc: Runc,
                  cnvms_dir: Path, network: Network | None = None,
-                 network_lookup: Any = None) -> None:
+                 network_lookup: Any = None, no_new_privileges: bool = True,
+                 oom_score_adj: int = 0) -> None:
+        if not isinstance(no_new_privileges, bool):
+            raise ValueError(f"cnvm_no_new_privileges must be true or false, "
+                             f"got {no_new_privileges!r}")
+        if isinstance(oom_score_adj, bool) or not isinstance(oom_score_adj, int) \
+                or not -1000 <= oom_score_adj <= 1000:
+            raise ValueError(f"cnvm_oom_score_adj must be an integer in -1000..1000, "
+                             f"got {oom_score_adj!r}")
         self.node = node
+        self.no_new_privileges = no_new_privileges
+        """The node's noNewPrivileges for cnvms without their own option."""
+        self.oom_score_adj = oom_score_adj
         self.state = state
         self.images = images
         self.runc = runc
@@ -136,6 +147,16 @@ class Lifecycle:
 
     def paths(self, name: str) -> bundle.BundlePaths:
         return bundle.bundle_paths(self.cnvms_dir, name)
+
+    def sandbox(self, rec: dict[str, Any]) -> seccomp.Sandbox:
+        """A cnvm's sandbox here: this node's policy, overridden by the cnvm's own
+        `security_opt` (its record; for an arriving cnvm, its teleport spec)."""
+        return seccomp.Sandbox.resolve(rec.get("security_opt") or (),
+                                       no_new_privileges=self.no_new_privileges)
+
+    def _policy(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """The runc_config arguments that come from this node's policy."""
+        return {"sandbox": self.sandbox(rec), "oom_score_adj": self.oom_score_adj}
 
     # ---- records
 
@@ -166,9 +187,13 @@ class Lifecycle:
     async def deploy(self, name: str, image: str, *, hostname: str | None = None,
                      ip: str | None = None, memory: Any = None, cpus: Any = None,
                      env: Any = None, cmd: list[str] | None = None,
+                     security_opt: Any = None,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Create and start a cnvm; on any failure undo everything it made.
 
+        `security_opt` (Docker's spelling: ``seccomp=unconfined``,
+        ``no-new-privileges=true|false``) loosens or tightens this cnvm's sandbox; it is
+        kept in the record and travels with the cnvm.
         `progress(phase)` is told when each step starts (network, rootfs, start), so a
         client sees where a slow deploy is."""
         step = progress or (lambda _phase: None)
@@ -177,6 +202,7 @@ class Lifecycle:
         mem = bundle.parse_memory(memory) if memory not in (None, "") else None
         ncpu = bundle.parse_cpus(cpus) if cpus not in (None, "") else None
         envd = bundle.parse_env(env)
+        secopt = seccomp.parse_security_opt(security_opt)
         img = self.images.resolve(image)
         async with self.lock(name):
             if await self.record(name) is not None or await self.runc.state(name) is not None:
@@ -189,7 +215,8 @@ class Lifecycle:
                 "name": name, "runc_id": name, "node": self.node,
                 "image": img.names[0] if img.names else img.short_id, "image_id": img.id,
                 "hostname": hostname, "ip": ip, "memory": mem, "cpus": ncpu, "env": envd,
-                "cmd": list(cmd or []), "desired": "creating", "created_at": time.time(),
+                "cmd": list(cmd or []), "security_opt": list(secopt),
+                "desired": "creating", "created_at": time.time(),
                 "bundle": str(self.paths(name).dir), "log": str(self.paths(name).console_log),
             }
             await self._save(name, rec)
@@ -204,7 +231,8 @@ class Lifecycle:
                     self.cnvms_dir, name, img.layer_dirs, img.config, node=self.node,
                     hostname=hostname, cmd=cmd or None, env=envd, memory=mem, cpus=ncpu,
                     netns_path=rec["netns"], ip=rec.get("ip"),
-                    annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+                    annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
+                    **self._policy(rec))
                 step("start")
                 await self._run(name)
                 rec["desired"] = "running"
@@ -228,7 +256,8 @@ class Lifecycle:
             hostname=rec.get("hostname") or name, cmd=rec.get("cmd") or None,
             env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
             netns_path=netns_path, ip=rec.get("ip"),
-            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node})
+            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
+            **self._policy(rec))
 
     async def mount_arriving(self, name: str, image_id: str) -> None:
         """The overlay rootfs of a cnvm that is arriving by teleport (its upper dir
@@ -274,15 +303,21 @@ class Lifecycle:
         """config.json for `runc restore` of an arriving cnvm, from its record under
         this node's policy (the same builder as deploy; the rootfs is mounted).
         `cgroups_path` overrides the per-node cgroup (the tasks return to the one
-        they were dumped from when that exists here)."""
+        they were dumped from when that exists here).
+
+        The restored processes keep the seccomp filter, noNewPrivileges and
+        oom_score_adj they were dumped with (CRIU restores them); this config's
+        sandbox, from the cnvm's `security_opt`, applies to what `exec` starts later."""
         img = self.images.resolve(rec["image_id"])
         paths = self.paths(name)
+        policy = self._policy(rec)
         cfg = await asyncio.to_thread(lambda: bundle.runc_config(
             name=name, image_config=img.config, node=self.node,
             hostname=rec.get("hostname") or name, cmd=rec.get("cmd") or None,
             env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
             netns_path=netns_path, rootfs=paths.rootfs,
-            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node}))
+            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
+            **policy))
         if cgroups_path is not None:
             cfg["linux"]["cgroupsPath"] = cgroups_path
         await bundle.write_config(paths, cfg)
@@ -420,7 +455,7 @@ class Lifecycle:
 
     def _summary(self, rec: dict[str, Any]) -> dict[str, Any]:
         keys = ("name", "node", "image", "image_id", "hostname", "ip", "memory", "cpus",
-                "netns", "desired", "bundle", "log")
+                "security_opt", "netns", "desired", "bundle", "log")
         return {k: rec.get(k) for k in keys}
 
 
@@ -486,7 +521,9 @@ async def start_lifecycle(daemon: Any) -> None:
     runc = Runc(cfg.runc_root, cfg.runc, cfg.criu)
     life = Lifecycle(node=cfg.node_name, state=daemon.state, images=store, runc=runc,
                      cnvms_dir=cfg.cnvms_dir,
-                     network_lookup=lambda: daemon.services.get(NETWORK))
+                     network_lookup=lambda: daemon.services.get(NETWORK),
+                     no_new_privileges=cfg.cnvm_no_new_privileges,
+                     oom_score_adj=cfg.cnvm_oom_score_adj)
     daemon.services.provide(LIFECYCLE, life)
 
 
@@ -545,6 +582,7 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
             else args.float("cpus", None))
     env = args.list("env", [])
     cmd = args.list("cmd", [])
+    security_opt = args.list("security_opt", [])
     args.reject_unknown()
     t0 = time.monotonic()
 
@@ -552,7 +590,8 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
         ctx.emit(EVT_PROGRESS, {"phase": phase, "elapsed": round(time.monotonic() - t0, 3)})
 
     return await _svc(ctx).deploy(name, image, hostname=hostname, ip=ip, memory=memory,
-                                  cpus=cpus, env=env, cmd=cmd, progress=progress)
+                                  cpus=cpus, env=env, cmd=cmd, security_opt=security_opt,
+                                  progress=progress)
 
 
 @router.op("stop")

@@ -315,7 +315,7 @@ def parse_security_opt(values: Any) -> tuple[str, ...]:
     for v in values:
         if not isinstance(v, str) or len(v) > 64:
             raise _bad(f"bad security option {str(v)[:64]!r}")
-        canon = _ALIASES.get(v.strip())
+        canon = _ALIASES.get(v)
         if canon is None:
             raise _bad(f"unsupported security option {v!r}: use seccomp=unconfined or "
                        "no-new-privileges=true|false")

@@ -17,10 +17,19 @@ Error codes are stable strings (never renumbered) so scripts can branch on them.
 from __future__ import annotations
 
 import enum
+import reprlib
 from dataclasses import dataclass
 from typing import Any, TypedDict, TypeGuard
 
 PROTOCOL_VERSION = 1
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def show(v: object) -> str:
+    """A bounded repr for error messages about values a peer sent (any size or depth)."""
+    return _REPR.repr(v)
 
 
 class ErrorCode(enum.StrEnum):
@@ -60,7 +69,7 @@ class ProtoError(Exception):
     @classmethod
     def from_wire(cls, err: Any) -> ProtoError:
         if not isinstance(err, dict):
-            return cls(ErrorCode.INTERNAL, f"malformed error object: {err!r}")
+            return cls(ErrorCode.INTERNAL, f"malformed error object: {show(err)}")
         return cls(
             str(err.get("code", ErrorCode.INTERNAL)),
             str(err.get("message", "unknown error")),
@@ -122,7 +131,7 @@ def negotiate(client_proto: Any) -> int:
     """
     if not isinstance(client_proto, int) or isinstance(client_proto, bool):
         raise ProtoError(ErrorCode.UNSUPPORTED_VERSION,
-                         f"hello.proto must be an integer, got {client_proto!r}")
+                         f"hello.proto must be an integer, got {show(client_proto)}")
     if client_proto < MIN_PROTOCOL_VERSION:
         raise ProtoError(
             ErrorCode.UNSUPPORTED_VERSION,
@@ -193,7 +202,7 @@ def parse_client_frame(obj: dict[str, Any]) -> Hello | Request | Cancel:
         agent = obj.get("agent", "")
         extra = {k: v for k, v in obj.items() if k not in ("t", "proto", "agent")}
         return Hello(obj.get("proto"), agent if isinstance(agent, str) else repr(agent), extra)
-    raise ProtoError(ErrorCode.BAD_REQUEST, f"unknown frame type t={t!r}")
+    raise ProtoError(ErrorCode.BAD_REQUEST, f"unknown frame type t={show(t)}")
 
 
 # ---- typed shapes (documentation for plug-in authors; not enforced on the wire)

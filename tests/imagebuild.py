@@ -30,6 +30,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,66 @@ def build_rootfs_tar(dest_tar: Path, compress: bool = True) -> Path:
     data = busybox_layers()[0]
     Path(dest_tar).write_bytes(gzip.compress(data, 1, mtime=0) if compress else data)
     return Path(dest_tar)
+
+
+def files_layer(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """An uncompressed layer tar holding `files` (path -> (content, mode)), with their
+    parent directories."""
+    t = _TarBuilder()
+    dirs = sorted({str(Path(p).parents[i]) for p in files
+                   for i in range(len(Path(p).parents) - 1)})
+    for d in dirs:
+        t.dir(d)
+    for path, (data, mode) in sorted(files.items()):
+        t.file(path, data, mode)
+    return t.bytes()
+
+
+def build_busybox_plus_layout(dest: Path, files: dict[str, tuple[bytes, int]],
+                              tag: str = "latest") -> BuiltImage:
+    """The busybox test image with a third (plain tar) layer holding `files`."""
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    raw = [*busybox_layers(), files_layer(files)]
+    diff_ids = [_digest(x) for x in raw]
+    descs = []
+    for i, data in enumerate(raw):
+        blob = gzip.compress(data, compresslevel=1, mtime=0) if i == 0 else data
+        descs.append({"mediaType": MT_LAYER_GZ if i == 0 else MT_LAYER,
+                      "digest": _put(dest, blob), "size": len(blob)})
+    cfg_doc = image_config(diff_ids)
+    cfg_doc["history"].append({"created": "2023-11-14T22:13:20Z",
+                               "created_by": "tests/imagebuild.py extra files"})
+    cfg = json.dumps(cfg_doc, sort_keys=True).encode()
+    cdig = _put(dest, cfg)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": cdig, "size": len(cfg)},
+        "layers": descs,
+    }, sort_keys=True).encode()
+    mdig = _put(dest, manifest)
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{"mediaType": MT_MANIFEST, "digest": mdig, "size": len(manifest),
+                            "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    (dest / "index.json").write_text(json.dumps(index))
+    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return BuiltImage(dest, mdig, cdig, [d["digest"] for d in descs], diff_ids)
+
+
+def gcc_static(source: str, out: Path) -> bytes:
+    """Compile a C program statically (the busybox image has no libc) and return the
+    binary; raises FileNotFoundError without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise FileNotFoundError("gcc is missing: apt-get install gcc libc6-dev")
+    out = Path(out)
+    src = out.with_suffix(".c")
+    src.write_text(source)
+    subprocess.run([gcc, "-static", "-O2", "-o", str(out), str(src)], check=True,
+                   capture_output=True)
+    return out.read_bytes()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,6 +119,11 @@ def render_inspect(r: dict[str, Any]) -> None:
         print(f"teleport  {t.get('source')} -> {t.get('target')} {t.get('mode')} {res}, "
               f"frozen {1000 * (t.get('frozen_seconds') or 0):.0f} ms, "
               f"total {t.get('total_seconds') or 0:.2f} s, wire {size(t.get('wire_bytes'))}")
+    last = (r.get("teleports") or [None])[-1]
+    if isinstance(last, dict) and last.get("ok"):
+        from cnvmctl.commands.teleport import render_timeline
+
+        render_timeline(last)
     for t in r.get("teleport_sessions") or []:
         print(f"session   {t.get('sid')} ({t.get('side')}) in phase {t.get('phase')}"
               + (f", effects {t['effects']}" if t.get("effects") else "")

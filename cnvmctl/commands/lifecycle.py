@@ -94,7 +94,9 @@ def _cnvm(r: dict[str, Any]) -> None:
     print_kv([("name", r.get("name")), ("node", r.get("node")), ("state", r.get("desired")),
               ("image", r.get("image")), ("hostname", r.get("hostname")), ("ip", r.get("ip")),
               ("memory", size(r["memory"]) if r.get("memory") else "-"),
-              ("cpus", cell(r.get("cpus"))), ("netns", r.get("netns"))])
+              ("cpus", cell(r.get("cpus"))),
+              ("sandbox", ", ".join(r.get("security_opt") or []) or "default"),
+              ("netns", r.get("netns"))])
 
 
 @command("deploy", help="deploy a cnvm from an image and start it",
@@ -102,7 +104,13 @@ def _cnvm(r: dict[str, Any]) -> None:
                      "dir, a runc\nbundle with the given limits, a network namespace, and "
                      "start it. Everything after\n`--` replaces the image's command "
                      "(Cmd; the Entrypoint stays).",
-         epilog="example: cnvmctl deploy web1 --image busybox --memory 256M --env PORT=8080",
+         epilog="example: cnvmctl deploy web1 --image busybox --memory 256M --env PORT=8080\n\n"
+                "sandbox: a cnvm runs under Docker's default seccomp profile (no new\n"
+                "namespaces, keyrings, perf_event_open, io_uring, bpf, mounts, ...) and, by\n"
+                "default, noNewPrivileges (setuid binaries such as su/sudo cannot raise\n"
+                "privileges). --security-opt seccomp=unconfined lifts the profile;\n"
+                "--security-opt no-new-privileges=false lets su/sudo work. The options are\n"
+                "kept with the cnvm and follow it when it teleports.",
          configure=_after_dashdash,
          args=[arg("name", metavar="NAME", help="cnvm name (a DNS label)"),
                arg("--image", required=True, help="image name or id"),
@@ -112,6 +120,10 @@ def _cnvm(r: dict[str, Any]) -> None:
                arg("--cpus", help="CPU limit, e.g. 0.5, 2, 500m"),
                arg("--env", "-e", action="append", default=[], metavar="K=V",
                    help="environment variable (repeatable)"),
+               arg("--security-opt", action="append", default=[], metavar="OPT",
+                   dest="security_opt",
+                   help="loosen or tighten the sandbox (repeatable): seccomp=unconfined, "
+                        "no-new-privileges=true|false"),
                arg("cmd", nargs="*", metavar="CMD",
                    help="command to run instead of the image's")])
 async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
@@ -120,7 +132,8 @@ async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
         res = await ctx.call("deploy", {"name": a.name, "image": a.image,
                                         "hostname": a.hostname, "ip": a.ip,
                                         "memory": a.memory, "cpus": a.cpus, "env": a.env,
-                                        "cmd": cmd}, on_event=p.on_event)
+                                        "security_opt": a.security_opt, "cmd": cmd},
+                            on_event=p.on_event)
     ctx.output(res, _cnvm)
 
 

@@ -33,6 +33,26 @@ def render_report(r: dict[str, Any]) -> None:
         print_table([{**x, "ms": _ms(x.get("seconds"))} for x in rounds],
                     [("ROUND", "kind"), ("BYTES", "bytes"), ("TIME", "ms")],
                     {"bytes": size})
+    render_timeline(r)
+
+
+def render_timeline(r: dict[str, Any], width: int = 30) -> None:
+    """"Where the frozen time went": every step of the frozen window, on both sides,
+    as offset, duration and a bar on the frozen window's scale. CRIU's own stages
+    (read from its log) are indented under the step that ran CRIU."""
+    steps = [x for x in r.get("timeline") or [] if isinstance(x, dict)]
+    frozen = float(r.get("frozen_seconds") or 0) * 1000
+    if not steps or frozen <= 0:
+        return
+    print(f"where the frozen time went ({frozen:.0f} ms):")
+    for x in sorted(steps, key=lambda x: (float(x.get("start_ms", 0)), x.get("clock") != "cnvmd")):
+        start, ms = float(x.get("start_ms", 0)), float(x.get("ms", 0))
+        a = max(0, min(width, round(start / frozen * width)))
+        b = max(a + (1 if ms > 0 else 0), min(width, round((start + ms) / frozen * width)))
+        bar = " " * a + "#" * (b - a)
+        indent = "    " if x.get("clock") == "criu" else "  "
+        print(f"{indent}{x.get('side', ''):<6} {str(x.get('step', ''))[:52]:<52} "
+              f"{start:7.1f} +{ms:7.1f} ms |{bar:<{width}}|")
 
 
 @command("teleport", help="move a running cnvm to another node, live",

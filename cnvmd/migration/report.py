@@ -6,6 +6,7 @@ Readers accept any version <= REPORT_VERSION; fields are only ever added.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,72 @@ class RoundReport:
 
 
 @dataclass
+class Step:
+    """One step of the frozen window: who (source/target), what, when and how long.
+
+    `start_ms` counts from the moment the cnvm was frozen; `clock` says whose clock
+    measured it ("cnvmd", or "criu" for stages read from CRIU's log timestamps, placed
+    after the CRIU run's own start)."""
+
+    side: str
+    step: str
+    start_ms: float
+    ms: float
+    clock: str = "cnvmd"
+
+
+# Stages of CRIU's logs: (name, first line marker, marker that ends it). A stage
+# whose markers are missing (another CRIU version, another mode) is left out.
+DUMP_STAGES = (
+    ("criu start, kernel probe", None, "Dumping processes"),
+    ("freeze and seize tasks", "freezing cgroup", "net: Lock network"),
+    ("network lock", "net: Lock network", "Dumping task"),
+    ("dump tasks (memory, files, sockets)", "Dumping task", "Unfreezing tasks"),
+    ("dump tasks (all but the lazy pages)", "Dumping task", "Starting lazy pages server"),
+    ("let go of the tasks", "Unfreezing tasks", "Dumping finished"),
+)
+_LAZY = "Starting lazy pages server"  # a lazy dump: its later stages run after the switch
+RESTORE_STAGES = (
+    ("criu start, kernel probe", None, "Will dump/restore TCP connections"),
+    ("cgroups", "Preparing cgroups yard", "Running pre-restore scripts"),
+    ("namespaces, mounts, fork", "Running pre-restore scripts",
+     "Running post-setup-namespaces scripts"),
+    ("memory, files, sockets", "Running post-setup-namespaces scripts",
+     "Running post-restore scripts"),
+    ("network unlock", "Running network-unlock scripts", "Turning repair off"),
+    ("repair off, resume", "Turning repair off", "Restore finished successfully"),
+)
+_TS = re.compile(r"\((\d+)\.(\d{6})\) ")
+
+
+def criu_stages(text: str, stages: tuple[tuple[str, str | None, str], ...],
+                side: str, offset_ms: float) -> list[Step]:
+    """Durations of CRIU's stages from the "(SS.uuuuuu)" stamps of its log lines."""
+    first: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _TS.search(line)
+        if m is None:
+            continue
+        t = int(m.group(1)) * 1000 + int(m.group(2)) / 1000
+        for _name, a, b in (*stages, ("", _LAZY, _LAZY)):
+            for marker in (a, b):
+                if marker is not None and marker not in first and marker in line:
+                    first[marker] = t
+    out: list[Step] = []
+    lazy = _LAZY in first
+    for name, a, b in stages:
+        if lazy and b != _LAZY and b in ("Unfreezing tasks", "Dumping finished"):
+            continue
+        start = 0.0 if a is None else first.get(a)
+        end = first.get(b)
+        if start is None or end is None or end < start:
+            continue
+        out.append(Step(side, f"criu: {name}", round(offset_ms + start, 2),
+                        round(end - start, 2), "criu"))
+    return out
+
+
+@dataclass
 class TeleportReport:
     cnvm: str
     source: str
@@ -41,6 +108,8 @@ class TeleportReport:
     wire_bytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     client_stall_seconds: float | None = None
+    timeline: list[Step] = field(default_factory=list)
+    """Where the frozen time went (see `Step`)."""
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +133,12 @@ class TeleportReport:
             raise ValueError("rounds must be a list")
         known["rounds"] = [RoundReport(str(r["kind"]), int(r["bytes"]), float(r["seconds"]))
                            for r in rounds]
+        steps = d.get("timeline", [])
+        if not isinstance(steps, list) or len(steps) > 200:
+            raise ValueError("timeline must be a list")
+        known["timeline"] = [Step(str(x["side"])[:16], str(x["step"])[:80],
+                                  float(x["start_ms"]), float(x["ms"]),
+                                  str(x.get("clock", "cnvmd"))[:8]) for x in steps]
         phases = known.get("phases", {})
         if not isinstance(phases, dict) or len(phases) > 100:
             raise ValueError("phases must be a map")

@@ -32,7 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +41,12 @@ from cnvmd.migration import journal, netmove, precopy, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.policy import Convergence, Decision, Mode, ModeUnavailable, choose_mode
 from cnvmd.migration.report import (
+    DUMP_STAGES,
     KIND_REPORTS,
     RoundReport,
+    Step,
     TeleportReport,
+    criu_stages,
     keep_logs,
     load_reports,
     save_reports,
@@ -86,7 +89,7 @@ class Effect(enum.StrEnum):
     CRIU = "criu"
 
 
-class Step(enum.StrEnum):
+class Milestone(enum.StrEnum):
     """Milestones without an undo of their own; fault hooks may fail right after them."""
 
     UPPER_SENT = "upper_sent"
@@ -95,7 +98,7 @@ class Step(enum.StrEnum):
     IMAGES_SENT = "images_sent"
 
 
-FAULT_POINTS = tuple(str(x) for x in (*Effect, *Step))
+FAULT_POINTS = tuple(str(x) for x in (*Effect, *Milestone))
 
 
 class TeleportError(ProtoError):
@@ -249,6 +252,9 @@ class Teleport:
         self._seq = 0  # pre-dump dirs made (attempts, also failed ones)
         self.wire = 0
         self.vteps: dict[str, str] = {}
+        self._t_freeze: float | None = None  # monotonic: the frozen window's start
+        self._t_criu: float | None = None  # when the final CRIU run was started
+        self._held = 0.0  # test-hook sleeps inside the frozen window (not frozen time)
 
     @property
     def switched(self) -> bool:
@@ -275,6 +281,23 @@ class Teleport:
     async def _journal_effects(self, effects: list[str]) -> None:
         self.j.effects = effects
         await asyncio.to_thread(journal.save, self.dir, self.j)
+
+    def timeline(self, side: str, step: str, t0: float, t1: float | None = None) -> None:
+        """Record one step of the frozen window (our clock)."""
+        if self._t_freeze is None:
+            return
+        end = time.monotonic() if t1 is None else t1
+        self.report.timeline.append(Step(side, step, round((t0 - self._t_freeze) * 1000, 2),
+                                         round((end - t0) * 1000, 2)))
+
+    async def _criu_timeline(self) -> None:
+        """CRIU's own stages of the final dump, from its log's timestamps."""
+        if self._t_freeze is None or self._t_criu is None:
+            return
+        text = await asyncio.to_thread(_read_text, self.dir / "work" / "dump.log")
+        if text:
+            self.report.timeline += criu_stages(
+                text, DUMP_STAGES, "source", (self._t_criu - self._t_freeze) * 1000)
 
     async def effect(self, e: Effect) -> None:
         await self.stack.push(str(e), self.u.undo(e))
@@ -488,7 +511,7 @@ class Teleport:
         log_off = await asyncio.to_thread(_size, log_path)
         if log_off:
             await self.send_file(wire.DataKind.LOG, log_path, 0, log_off)
-        self.stack.done(Step.UPPER_SENT)
+        self.stack.done(Milestone.UPPER_SENT)
 
         if mode in (Mode.PRECOPY, Mode.HYBRID):
             await self._precopy(mode, src_caps, prep.caps)
@@ -500,27 +523,36 @@ class Teleport:
             ps = await self.link.call("teleport.pages", self._pages_msg().to_wire(),
                                       timeout=30)
             self.u.relay = await self.link.relay(_port(ps))
-            self.stack.done(Step.PAGE_RELAY)
+            self.stack.done(Milestone.PAGE_RELAY)
 
         # ---- freeze and final copy
         await self.enter(Phase.FREEZE)
-        t_freeze = time.monotonic()
+        t_freeze = self._t_freeze = time.monotonic()
         if self.opts.baseline:
             r.mode, r.mode_reason = "seed", "baseline: dump to disk, copy, restore"
         await self._freeze(paths, snap, lazy=self.j.lazy)
+        t = time.monotonic()
         size_now = await asyncio.to_thread(_size, log_path)
         if size_now > log_off:
             await self.send_file(wire.DataKind.LOG, log_path, log_off, size_now)
+            self.timeline("source", "console log tail", t)
+        t = time.monotonic()
         await self._hold("frozen")
+        self._held += time.monotonic() - t
 
         # ---- restore on the target: the switchover
         await self.enter(Phase.RESTORE)
+        t = time.monotonic()
         res = await self._restore()
+        self.timeline("source", "restore request (round trip)", t)
         await self._switch()
         t_run = time.monotonic()
-        r.frozen_seconds = round(t_run - t_freeze, 4)
+        r.frozen_seconds = round(t_run - t_freeze - self._held, 4)
         r.phases["restore_target"] = res.get("timings", {})
-        self.emit_progress(phase="running", node=self.target, frozen=r.frozen_seconds)
+        self.report.timeline += _target_steps(res.get("timeline"), (t - t_freeze) * 1000)
+        await self._criu_timeline()
+        self.emit_progress(phase="running", node=self.target, frozen=r.frozen_seconds,
+                           timeline=[asdict(x) for x in self.report.timeline])
 
         # ---- commit: the source lets go (forward only)
         await self.enter(Phase.COMMIT)
@@ -556,32 +588,44 @@ class Teleport:
         them on demand. The order makes the unwind right: CRIU lets go first while
         the tasks stay frozen, then veth up + repair off, then thaw."""
         assert self.link is not None
+        t = time.monotonic()
         await self._grab_neighbors()
+        self.timeline("source", "read neighbours", t)
         await self.effect(Effect.PAUSED)
-        await self.runc.pause(self.name)
+        # The cgroup frozen directly, polled every millisecond: CRIU then finds it
+        # frozen and skips its own freezer wait (100 ms steps, criu/seize.c).
+        t = time.monotonic()
+        if not await self.runc.freeze(self.name):
+            await self.runc.pause(self.name)  # no freezer path known: let runc do it
+        self.timeline("source", "freeze cgroup", t)
         self.stack.done(Effect.PAUSED)
         await self.effect(Effect.ISOLATED)
+        t = time.monotonic()
         await netmove.isolate(self.j.host_veth or None)
+        self.timeline("source", "isolate veth", t)
         self.stack.done(Effect.ISOLATED)
         t = time.monotonic()
         if lazy:
             await self._dump_lazy()
-        else:
-            await self._dump_streamed(paths, snap)
-            self.report.rounds.append(RoundReport("dump", self._relay_bytes(),
-                                                  round(time.monotonic() - t, 4)))
-            t = time.monotonic()
-        if lazy:
+            self.timeline("source", "criu dump (runc checkpoint, until images ready)", t)
             self.report.rounds.append(RoundReport("dump", 0, round(time.monotonic() - t, 4)))
+            t = time.monotonic()
             _, n_img = await asyncio.gather(
                 self.send_tree(wire.DataKind.UPPER, paths.upper, snap),
                 self.send_tree(wire.DataKind.IMAGES, self.dir / "images",
                                self.dir / "images.snar"))
+            self.timeline("source", "send upper delta + images", t)
         else:
+            await self._dump_streamed(paths, snap)
+            self.timeline("source", "criu dump (runc checkpoint, pages streamed)", t)
+            self.report.rounds.append(RoundReport("dump", self._relay_bytes(),
+                                                  round(time.monotonic() - t, 4)))
+            t = time.monotonic()
             n_img = await self.send_tree(wire.DataKind.IMAGES, self.dir / "images",
                                          self.dir / "images.snar")
+            self.timeline("source", "send images", t)
         self.report.rounds.append(RoundReport("images", n_img, 0.0))
-        self.stack.done(Step.IMAGES_SENT)
+        self.stack.done(Milestone.IMAGES_SENT)
 
     def _relay_bytes(self) -> int:
         rl = self.u.relay
@@ -592,6 +636,7 @@ class Teleport:
         (or, for the baseline, to local disk first)."""
         relay = self.u.relay
         await self.effect(Effect.CRIU)
+        self._t_criu = time.monotonic()
         self.u.ck = asyncio.create_task(self.runc.checkpoint(
             self.name, self.dir / "images", work_dir=self.dir / "work", tcp_established=True,
             leave_running=True,
@@ -608,7 +653,7 @@ class Teleport:
         if relay is not None:
             await _settle(relay)
             self.wire += relay.bytes_up + relay.bytes_down
-        self.stack.done(Step.DUMPED)
+        self.stack.done(Milestone.DUMPED)
 
     async def _dump_lazy(self) -> None:
         """Post-copy: CRIU dumps all but the pages and then serves them on demand; we go
@@ -619,6 +664,7 @@ class Teleport:
         loop = asyncio.get_running_loop()
         try:
             await self.effect(Effect.CRIU)
+            self._t_criu = time.monotonic()
             ck = self.u.ck = asyncio.create_task(self.runc.checkpoint(
                 self.name, self.dir / "images", work_dir=self.dir / "work",
                 tcp_established=True, lazy_pages=True,
@@ -650,7 +696,7 @@ class Teleport:
             os.close(rfd)
             os.close(wfd)
         self.u.ck_dumped = True
-        self.stack.done(Step.DUMPED)
+        self.stack.done(Milestone.DUMPED)
 
     async def _grab_neighbors(self) -> None:
         try:
@@ -675,9 +721,8 @@ class Teleport:
             fail_restore=self.opts.fail_restore,
             fail_at=fail_at.removeprefix("target:") if fail_at and
             fail_at.startswith("target:") else None)
-        # A cheap round trip first: a target that is gone (daemon dead, link cut) is
-        # found out here, before any restore request could have reached it.
-        await self.link.call("teleport.status", wire.SessionRef(self.sid).to_wire(), timeout=3)
+        # No extra round trip while frozen: a target that is gone fails this call with
+        # delivery "not_sent", and one that may have seen it is asked afterwards.
         try:
             return dict(await self.link.call("teleport.restore", msg.to_wire(), timeout=60))
         except ProtoError as exc:
@@ -787,6 +832,7 @@ class Teleport:
         assert self.link is not None
         await self.enter(Phase.PRECOPY)
         await self.effect(Effect.PREDUMPING)
+        self.stack.done(Effect.PREDUMPING)
         conv = Convergence(max_downtime=self.opts.max_downtime, max_rounds=self.opts.max_rounds)
 
         async def dump_round(i: int) -> int:
@@ -918,6 +964,25 @@ async def _settle(relay: Any, timeout: float = 10.0) -> None:
     if wait is not None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait(), timeout)
+
+
+def _target_steps(raw: Any, offset_ms: float) -> list[Step]:
+    """The target's steps of its restore (a peer's answer: checked, bounded), placed
+    after the moment the restore request left."""
+    out: list[Step] = []
+    if not isinstance(raw, list):
+        return out
+    for x in raw[:64]:
+        try:
+            r = wire.Reader(x, "timeline step")
+            st = Step("target", r.str("step", max_len=80),
+                      round(offset_ms + r.float("start_ms", 0, 1e7), 2),
+                      round(r.float("ms", 0, 1e7), 2), r.str("clock", max_len=8))
+            r.done()
+        except ProtoError:
+            continue
+        out.append(st)
+    return out
 
 
 def _port(ans: Any) -> int:

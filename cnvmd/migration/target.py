@@ -41,7 +41,7 @@ from cnvmd import bundle, criu, proc
 from cnvmd.migration import journal, netmove, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.policy import Mode
-from cnvmd.migration.report import keep_logs, save_reports
+from cnvmd.migration.report import RESTORE_STAGES, criu_stages, keep_logs, save_reports
 from cnvmd.migration.undo import UndoStack
 from cnvmd.peers.streams import TcpRelay
 from cnvmd.runtime import Runc, RuncError, _umount_under, start_log_shim
@@ -176,6 +176,7 @@ class TargetSide:
         self.criu_lazy = criu_lazy
         self.runc = Runc(cfg.runc_root, cfg.runc, self.criu)
         self.sessions: dict[str, Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def life(self) -> Lifecycle:
@@ -289,6 +290,17 @@ class TargetSide:
             return
         await s.stack.push(TEffect.BUNDLE, TargetUndo(self, s.name, s.dir, s).bundle)
         await self.life.mount_arriving(s.name, img.id)
+        # config.json now, while the source still runs, not in the frozen window.
+        # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup v2
+        # runc's cgroup-root remap does not apply): runc must track that same cgroup, or
+        # its pause and the next teleport's freeze miss the tasks. So the source's path,
+        # except where that cgroup exists here (lab nodes sharing one host's cgroups):
+        # there each copy needs its own, and this node's per-node path is used.
+        src_cg = bundle.cgroups_path(s.source, s.name)
+        cg = None if await asyncio.to_thread(_cgroup_exists, src_cg) else src_cg
+        life = self.life
+        await life.write_restore_config(s.name, _record_of(s, self.node, life.paths(s.name)),
+                                        netns_path=s.netns_path, cgroups_path=cg)
 
     # ---- data streams
 
@@ -427,6 +439,12 @@ class TargetSide:
         fault = msg.fail_at if self.daemon.config.fault_injection else None
         s.stack.fail_at = fault
         timings: dict[str, float] = {}
+        steps: list[dict[str, Any]] = []
+
+        def mark(step: str, t: float, clock: str = "cnvmd") -> None:
+            steps.append({"step": step, "start_ms": round((t - t0) * 1000, 2),
+                          "ms": round((time.monotonic() - t) * 1000, 2), "clock": clock})
+
         log.info("teleport %s: restoring %s from %s", s.sid, s.name, s.source)
         if TEffect.BUNDLE not in s.stack:
             raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} has no image yet")
@@ -440,19 +458,12 @@ class TargetSide:
                 raise _err(ErrorCode.FAILED, f"{self.node}: page server failed: "
                            + _tail(s.page_log or s.work / "page-server.log"))
             timings["pages_wait"] = time.monotonic() - t0
-        # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup v2
-        # runc's cgroup-root remap does not apply): runc must track that same cgroup, or
-        # its pause and the next teleport's freeze miss the tasks. So the source's path,
-        # except where that cgroup exists here (lab nodes sharing one host's cgroups):
-        # there each copy needs its own, and this node's per-node path is used.
-        src_cg = bundle.cgroups_path(s.source, s.name)
-        cg = None if await asyncio.to_thread(_cgroup_exists, src_cg) else src_cg
-        await life.write_restore_config(s.name, _record_of(s, self.node, paths),
-                                        netns_path=s.netns_path, cgroups_path=cg)
+            mark("wait for the page server to finish", t0)
         s.stack.done(TStep.CONFIG)
         if msg.fail_restore and self.daemon.config.fault_injection:
             await asyncio.to_thread(_break_images, s.images)  # a real broken image set
         net = netmove.plumbing(self.daemon)
+        t = time.monotonic()
         await net.bring_up(s.name, s.net)
         if msg.neighbors:
             with contextlib.suppress(Exception):
@@ -463,9 +474,11 @@ class TargetSide:
                 await netmove.learn_vteps({m: d for m, d in msg.vteps if d not in mine})
             except Exception as exc:
                 log.warning("teleport %s: cannot learn neighbour VTEPs: %s", s.sid, exc)
+        mark("links up, neighbours, VTEPs", t)
         s.stack.done(TStep.LINKS_UP)
         work = s.work
         if msg.lazy:
+            t = time.monotonic()
             if TEffect.HELPERS not in s.stack:
                 await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
             link = links.PeerLink(self.daemon.services.require(PEERS), s.source)
@@ -489,6 +502,7 @@ class TargetSide:
                            + _tail(lazy_dir / "lazy-pages.log"))
             work = lazy_dir
             timings["lazy_daemon"] = time.monotonic() - t0
+            mark("start the lazy-pages daemon", t)
             s.stack.done(TStep.LAZY)
         pipe = await start_log_shim(paths.console_log)
         # the restored sockets' window probes tell which byte each client waits on
@@ -506,25 +520,47 @@ class TargetSide:
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
+        mark("runc restore", t_r)
+        if st.status == "paused":  # dumped from a frozen cgroup
+            t = time.monotonic()
+            await self.runc.resume(s.name)
+            mark("thaw", t)
         if cap is not None:  # clients in RTO backoff retransmit now, not in a second
+            t = time.monotonic()
             acks = await asyncio.to_thread(cap.acks)
             n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
             timings["rto_nudged"] = float(n)
-        if st.status == "paused":  # dumped from a frozen cgroup
-            await self.runc.resume(s.name)
+            mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
+        t = time.monotonic()
         await s.stack.push(TEffect.RECORD, TargetUndo(self, s.name, s.dir, s).record)
         await life.save_record(s.name, _record_of(s, self.node, paths))
         # The switchover: the cnvm is ours now; nothing of it is undone any more.
         s.status = wire.TargetStatus.RESTORED
         s.stack.forget()
         await self._journal(s, [])
+        mark("record the cnvm", t)
         log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
+        # ARP after the answer: the restored sockets' first packets (window probes,
+        # nudged retransmissions) already taught the overlay where the cnvm is.
+        self._spawn(self._announce(s, net, [n.ip for n in msg.neighbors]))
+        timings["answered"] = time.monotonic() - t0
+        text = await asyncio.to_thread(_read, work / "restore.log")
+        for x in criu_stages(text or "", RESTORE_STAGES, "target", (t_r - t0) * 1000):
+            steps.append({"step": x.step, "start_ms": x.start_ms, "ms": x.ms, "clock": x.clock})
+        return {"status": "running", "pid": st.pid, "node": self.node, "timings": timings,
+                "timeline": steps}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce(self, s: Session, net: Any, neighbours: list[str]) -> None:
+        """Teach the cnvm its neighbours and send a gratuitous ARP (best effort)."""
         with contextlib.suppress(Exception):
-            await netmove.teach(s.netns_path, [n.ip for n in msg.neighbors])
+            await netmove.teach(s.netns_path, neighbours)
         with contextlib.suppress(Exception):
             await net.announce(s.name, s.net)
-        timings["announced"] = time.monotonic() - t0
-        return {"status": "running", "pid": st.pid, "node": self.node, "timings": timings}
 
     # ---- commit / abort / status
 
@@ -618,6 +654,8 @@ class TargetSide:
         for s in list(self.sessions.values()):
             if s.watchdog is not None:
                 s.watchdog.cancel()
+        for task in list(self._tasks):
+            task.cancel()
 
 
 def _capture(ifname: str, ip: str) -> tcprepair.Capture | None:
@@ -635,7 +673,8 @@ def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, An
     return {"name": sp.name, "runc_id": sp.name, "node": node, "image": sp.image,
             "image_id": sp.image_id, "hostname": sp.hostname, "ip": s.net.ip,
             "mac": s.net.mac, "memory": sp.memory, "cpus": sp.cpus, "env": dict(sp.env),
-            "cmd": list(sp.cmd), "desired": "running", "created_at": sp.created_at,
+            "cmd": list(sp.cmd), "security_opt": list(sp.security_opt),
+            "desired": "running", "created_at": sp.created_at,
             "started_at": sp.started_at, "bundle": str(paths.dir),
             "log": str(paths.console_log), "netns": s.netns_path,
             "teleported_from": s.source, "teleported_at": time.time(),
@@ -734,6 +773,13 @@ def _listening(port: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
 
 
 def _tail(path: Path, n: int = 4) -> str:

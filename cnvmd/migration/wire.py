@@ -25,6 +25,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 
 from cnvmd.migration.netmove import NetInfo
 from cnvmd.migration.policy import Mode
+from cnvmd.seccomp import MAX_SECURITY_OPTS, SECURITY_OPT_RE
 from proto.messages import ErrorCode, ProtoError
 
 TELEPORT_PROTOCOL = 2
@@ -229,12 +230,21 @@ class CnvmSpec:
     cpus: float | None = None
     created_at: float = 0.0
     started_at: float = 0.0
+    security_opt: tuple[str, ...] = ()
+    """The cnvm's sandbox options (`cnvmd.seccomp.SECURITY_OPT_RE`, canonical, sorted,
+    one per key): an opt-out travels with the cnvm, so its `exec`s on the target run
+    as on the source. Sent only when set, so a target of the previous release
+    still takes a default cnvm and refuses (unknown field) one it could not honour."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "image": self.image, "image_id": self.image_id,
-                "hostname": self.hostname, "cmd": list(self.cmd),
-                "env": dict(self.env), "memory": self.memory, "cpus": self.cpus,
-                "created_at": self.created_at, "started_at": self.started_at}
+        out: dict[str, Any] = {
+            "name": self.name, "image": self.image, "image_id": self.image_id,
+            "hostname": self.hostname, "cmd": list(self.cmd),
+            "env": dict(self.env), "memory": self.memory, "cpus": self.cpus,
+            "created_at": self.created_at, "started_at": self.started_at}
+        if self.security_opt:
+            out["security_opt"] = list(self.security_opt)
+        return out
 
     @classmethod
     def from_wire(cls, raw: Any) -> CnvmSpec:
@@ -259,6 +269,7 @@ class CnvmSpec:
             cpus=r.float("cpus", 0.01, 4096, required=False),
             created_at=r.float("created_at", 0, 1e11, required=False) or 0.0,
             started_at=r.float("started_at", 0, 1e11, required=False) or 0.0,
+            security_opt=_security_opt(r),
         )
         r.done()
         return spec
@@ -271,7 +282,21 @@ class CnvmSpec:
             "image_id": rec.get("image_id"), "hostname": rec.get("hostname") or rec.get("name"),
             "cmd": list(rec.get("cmd") or []), "env": dict(rec.get("env") or {}),
             "memory": rec.get("memory"), "cpus": rec.get("cpus"),
-            "created_at": rec.get("created_at"), "started_at": rec.get("started_at")})
+            "created_at": rec.get("created_at"), "started_at": rec.get("started_at"),
+            "security_opt": list(rec.get("security_opt") or []) or None})
+
+
+def _security_opt(r: Reader) -> tuple[str, ...]:
+    """`spec.security_opt`: canonical options only, at most one per key, sorted."""
+    opts: list[str] = []
+    for i, x in enumerate(r.list("security_opt", MAX_SECURITY_OPTS, required=False)):
+        if not isinstance(x, str) or not SECURITY_OPT_RE.fullmatch(x):
+            raise bad(f"{r.what}.security_opt[{i}]", f"has a bad format: {str(x)[:80]!r}")
+        opts.append(x)
+    keys = [o.split("=", 1)[0] for o in opts]
+    if len(set(keys)) != len(keys):
+        raise bad(f"{r.what}.security_opt", "names an option twice")
+    return tuple(sorted(opts))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ replies. A stream's receiving side is a *stream kind* on the peer router
 (``@router.stream(kind)``, or ``PeerService.register_stream``); the built-in kinds
 are ``tcp`` (relays, e.g. CRIU's page server), ``file.put``, ``file.get`` and
 ``echo``. The byte-level pieces (PeerStream, splice, file copy) are in streams.py.
+
+Files: nothing in cnvmd moves files with ``file.put``/``file.get`` (teleport has
+typed streams of its own), so peers may only touch ``<state_dir>/transfer`` (plus
+what a subsystem adds with ``allow_root``), and only beneath it without following
+any symlink: a symlink a cnvm or a peer left there never leads outside.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +35,9 @@ if TYPE_CHECKING:
     from .service import PeerService
 
 log = logging.getLogger("cnvmd.peers")
+
+MAX_HEADER = 1 << 20
+"""A stream's header frame (kind and args); bulk data follows it raw."""
 
 
 class Bulk:
@@ -112,19 +121,24 @@ class Bulk:
     async def serve(self, node: str, reader: asyncssh.SSHReader[bytes],
                     writer: asyncssh.SSHWriter[bytes]) -> None:
         """One ``cnvm-stream`` channel: read its header, run the kind's handler."""
-        hdr = await read_frame(reader)  # type: ignore[arg-type]
+        try:
+            hdr = await read_frame(reader, max_frame=MAX_HEADER)  # type: ignore[arg-type]
+        except FrameError as exc:
+            log.warning("stream from %s: bad header: %s", node, exc)
+            return
         if not hdr:
             return
-        kind = str(hdr.get("kind"))
-        raw = hdr.get("args")
-        args: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        stream = streams.PeerStream(reader, writer, node, kind, server=True,
+        kind, raw = hdr.get("kind"), hdr.get("args", {})
+        stream = streams.PeerStream(reader, writer, node, str(kind)[:64], server=True,
                                     daemon=self.svc.daemon)
-        h = self.router.streams.get(kind)
         try:
+            if not isinstance(kind, str) or not isinstance(raw, dict):
+                raise ProtoError(ErrorCode.INVALID_ARGUMENT,
+                                 "stream header needs a string kind and a map of args")
+            h = self.router.streams.get(kind)
             if h is None:
-                raise ProtoError(ErrorCode.UNKNOWN_OP, f"unknown stream kind {kind!r}")
-            await h(stream, args)
+                raise ProtoError(ErrorCode.UNKNOWN_OP, f"unknown stream kind {kind[:64]!r}")
+            await h(stream, raw)
         except (Exception, asyncio.CancelledError) as exc:
             err = exc if isinstance(exc, ProtoError) else ProtoError(
                 ErrorCode.FAILED, f"{type(exc).__name__}: {exc}")
@@ -141,20 +155,29 @@ class Bulk:
                 raise
 
     async def _serve_put(self, stream: streams.PeerStream, args: dict[str, Any]) -> None:
-        dest = streams.check_path(str(args.get("dest")), self.svc.allowed_roots)
-        await stream.write_frame({"ok": True})
-        got = await streams.receive_file(stream, dest, int(args.get("mode", 0o644)) & 0o777)
+        """Write a file beneath an allowed root (never through a symlink)."""
+        root, parts = streams.check_path(args.get("dest"), self.svc.allowed_roots)
+        mode = args.get("mode", 0o644)
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ProtoError(ErrorCode.INVALID_ARGUMENT, "mode must be an int in 0..0o777")
+
+        async def accept() -> None:
+            await stream.write_frame({"ok": True})
+
+        got = await streams.receive_beneath(stream, root, parts, mode, ready=accept)
         await stream.write_frame({"ok": True, **got})
         stream.write_eof()
 
     async def _serve_get(self, stream: streams.PeerStream, args: dict[str, Any]) -> None:
-        src = streams.check_path(str(args.get("src")), self.svc.allowed_roots)
+        """Send a regular file beneath an allowed root (never through a symlink)."""
+        root, parts = streams.check_path(args.get("src"), self.svc.allowed_roots)
+        fd, size = await asyncio.to_thread(streams.open_beneath, root, parts)
         try:
-            size = (await asyncio.to_thread(src.stat)).st_size
-        except OSError:
-            raise ProtoError(ErrorCode.NOT_FOUND, f"{src}: no such file") from None
-        await stream.write_frame({"ok": True, "size": size})
-        sent = await streams.send_file(stream, src, limit=size, eof=False)
+            await stream.write_frame({"ok": True, "size": size})
+        except BaseException:
+            os.close(fd)
+            raise
+        sent = await streams.send_file(stream, fd, limit=size, eof=False)
         await stream.write_frame(sent)
         stream.write_eof()
 

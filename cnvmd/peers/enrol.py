@@ -7,6 +7,12 @@ bound to both nonces and both SSH keys (trust.transcript), the issuer's ledger
 decides single use (``peer.token.consume``), and the server pins the joiner's key.
 Removal tombstones the record, rotates the secret and tells the node
 (``peer.removed``). Design and rationale: README.md ("Trust") and trust.py.
+
+Every change made here is signed with this node's key so that gossip can carry it
+and others can check it: the admission of a joiner, a removal (the tombstone, and
+the proof shown to the removed node) and the rotation of the secret. The enrolment
+channel is the one thing an outsider reaches: its frames and total bytes are capped
+and the whole exchange is timed out.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from cnvmd.api import Args, Context, Router
-from proto.framing import FrameError, encode_frame, read_frame
+from proto.framing import HEADER_SIZE, FrameError, encode_frame, read_frame
 from proto.messages import ErrorCode, ProtoError
 
 from . import trust
@@ -34,6 +40,31 @@ if TYPE_CHECKING:
     from .service import PeerService
 
 log = logging.getLogger("cnvmd.peers")
+
+ENROLL_MAX_FRAME = 64 * 1024
+"""Largest enrolment frame (enroll1/enroll3 are < 1 KiB plus the joiner's caps)."""
+ENROLL_MAX_BYTES = 2 * (ENROLL_MAX_FRAME + HEADER_SIZE)
+"""All an unenrolled peer may send on its channel: two frames."""
+
+
+class CappedReader:
+    """A reader with a byte budget, so ``read_frame`` on it cannot buffer more than
+    ``budget`` bytes in total whatever the frames announce."""
+
+    def __init__(self, reader: asyncssh.SSHReader[bytes], budget: int) -> None:
+        self.reader = reader
+        self.left = budget
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > self.left:
+            raise FrameError(f"more than {ENROLL_MAX_BYTES} bytes on the enrolment channel")
+        data = await self.reader.readexactly(n)
+        self.left -= len(data)
+        return data
+
+
+async def read_small_frame(reader: Any) -> dict[str, Any] | None:
+    return await read_frame(reader, max_frame=ENROLL_MAX_FRAME)
 
 
 class Enrolment:
@@ -86,12 +117,16 @@ class Enrolment:
         m = svc.membership.get(node)
         if m is None or m.admin == REMOVED:
             raise ProtoError(ErrorCode.NOT_FOUND, f"no member named {node}")
-        with contextlib.suppress(Exception):
-            await svc.call(node, "peer.removed", {"by": svc.name}, timeout=2.0)
+        assert svc.key is not None
+        cid = svc.cluster.cluster_id
         tomb = Member(**{**m.to_wire(), "admin": REMOVED, "version": m.version + 1,
-                         "cnvms": []})
+                         "cnvms": [], "sig": "",
+                         "removal": trust.cert(svc.key, svc.name, trust.REMOVE,
+                                               m.identity(cid))})
+        with contextlib.suppress(Exception):
+            await svc.call(node, "peer.removed", {"record": tomb.to_wire()}, timeout=2.0)
         svc.membership.put(tomb)
-        svc.cluster = svc.cluster.rotated()
+        svc.cluster = svc.cluster.rotated(svc.key, svc.name, node)
         await svc.save()
         log.warning("node %s removed from the cluster by %s; secret rotated to epoch %d",
                     node, svc.name, svc.cluster.epoch)
@@ -109,7 +144,24 @@ class Enrolment:
         svc.spawn(svc.save())
 
     async def _removed_op(self, ctx: Context, args: Args) -> dict[str, Any]:
-        """A member tells us we were removed."""
+        """A member tells us we were removed: it must show our tombstone, signed by it."""
+        raw = args.map("record")
+        args.reject_unknown()
+        svc = self.svc
+        try:
+            tomb = Member.from_wire(raw)
+        except ValueError as exc:
+            raise ProtoError(ErrorCode.INVALID_ARGUMENT, str(exc), {"arg": "record"}) from None
+        me = svc.membership.get(svc.name)
+        signer = svc.membership.pinned_key(ctx.node or "")
+        if (svc.cluster is None or me is None or signer is None or tomb.name != svc.name
+                or tomb.admin != REMOVED or tomb.pubkey != me.pubkey or tomb.epoch != me.epoch
+                or tomb.removal.get("by") != ctx.node
+                or not trust.verify(signer, trust.REMOVE, tomb.identity(svc.cluster.cluster_id),
+                                    tomb.removal.get("sig"))):
+            log.warning("peer.removed from %s refused: no valid removal of this node", ctx.node)
+            raise ProtoError(ErrorCode.PERMISSION_DENIED,
+                             "not a removal of this node signed by the caller")
         asyncio.get_running_loop().call_soon(self.leave, f"removed by {ctx.node}")
         return {"ok": True}
 
@@ -151,12 +203,12 @@ class Enrolment:
         nonce_c = secrets.token_bytes(32)
         writer.write(encode_frame({"t": "enroll1", "payload": raw, "node": svc.name,
                                    "nonce": nonce_c}))
-        msg = await read_frame(reader)  # type: ignore[arg-type]
+        msg = await read_small_frame(reader)  # the server is not verified yet
         _raise_if_error(msg)
         assert msg is not None
-        tr = trust.transcript(raw, svc.name, nonce_c, bytes(msg.get("nonce", b"")),
+        tr = trust.transcript(raw, svc.name, nonce_c, _bin(msg, "nonce"),
                               server_key.public_data, svc.key.public_data)
-        if not hmac.compare_digest(bytes(msg.get("proof", b"")), trust.server_proof(tag, tr)):
+        if not hmac.compare_digest(_bin(msg, "proof"), trust.server_proof(tag, tr)):
             log.warning("join: %s failed to prove the token: not a member of that cluster",
                         conn.get_extra_info("peername"))
             raise ProtoError(ErrorCode.PERMISSION_DENIED,
@@ -187,14 +239,16 @@ class Enrolment:
         """The ``cnvm-enroll`` channel of an ``_enroll`` connection."""
         svc = self.svc
         joiner = "?"
+        capped = CappedReader(reader, ENROLL_MAX_BYTES)
         try:
             async with asyncio.timeout(svc.tuning.login_timeout):
-                m1 = await read_frame(reader)  # type: ignore[arg-type]
+                m1 = await read_small_frame(capped)
                 if not m1 or m1.get("t") != "enroll1":
                     raise ProtoError(ErrorCode.BAD_REQUEST, "expected enroll1")
-                joiner = str(m1.get("node", ""))
-                raw = bytes(m1.get("payload", b""))
-                nonce_c = bytes(m1.get("nonce", b""))
+                node = m1.get("node")
+                joiner = node[:64] if isinstance(node, str) else "?"
+                raw = _bin(m1, "payload", 1024)
+                nonce_c = _bin(m1, "nonce")
                 if not valid_name(joiner) or joiner == ENROLL_USER or len(nonce_c) != 32:
                     raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"bad node name {joiner!r}")
                 cluster = svc.cluster
@@ -216,33 +270,48 @@ class Enrolment:
                                       sc.enroll_key.public_data)
                 writer.write(encode_frame({"t": "enroll2", "nonce": nonce_s,
                                            "proof": trust.server_proof(tag, tr)}))
-                m3 = await read_frame(reader)  # type: ignore[arg-type]
+                m3 = await read_small_frame(capped)
                 if not m3 or m3.get("t") != "enroll3":
                     raise ProtoError(ErrorCode.BAD_REQUEST, "expected enroll3")
-                if not hmac.compare_digest(bytes(m3.get("proof", b"")),
-                                           trust.client_proof(tag, tr)):
+                if not hmac.compare_digest(_bin(m3, "proof"), trust.client_proof(tag, tr)):
                     raise ProtoError(ErrorCode.PERMISSION_DENIED, "wrong token")
+                assert sc.conn is not None
+                addr = m3.get("addr") or sc.conn.get_extra_info("peername")[0]
+                port = m3.get("port", 0)
+                caps = m3.get("caps") or {}
+                if (not isinstance(addr, str) or not isinstance(port, int)
+                        or not 0 <= port < 65536 or len(addr) > 255
+                        or not isinstance(caps, dict)):
+                    raise ProtoError(ErrorCode.INVALID_ARGUMENT, "bad address, port or caps")
+                epoch = existing.epoch + (1 if existing.admin == REMOVED else 0) \
+                    if existing else 1
+                try:  # the bounds every member checks, before the token is spent
+                    Member.from_wire({"name": joiner, "addr": addr, "port": port,
+                                      "pubkey": trust.public_line(sc.enroll_key),
+                                      "caps": caps, "epoch": epoch})
+                except ValueError as exc:
+                    raise ProtoError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
                 await self.consume_token(payload)
                 # Learn our own underlay address from how the joiner reached us.
                 me = svc.membership.get(svc.name)
-                assert me is not None and sc.conn is not None
+                assert me is not None
                 if not me.addr:
                     svc.advertise_address = sc.conn.get_extra_info("sockname")[0]
                     svc.membership.update_self(addr=svc.advertise_address)
-                addr = str(m3.get("addr") or sc.conn.get_extra_info("peername")[0])
-                epoch = existing.epoch + (1 if existing.admin == REMOVED else 0) \
-                    if existing else 1
                 if existing is not None and existing.admin == ACTIVE:
-                    new = Member(**{**existing.to_wire(), "addr": addr,
-                                    "port": int(m3.get("port", 0)),
-                                    "version": existing.version + 1})
+                    new = Member(**{**existing.to_wire(), "addr": addr, "port": port,
+                                    "version": existing.version + 1, "sig": ""})
                 else:
-                    new = Member(name=joiner, addr=addr, port=int(m3.get("port", 0)),
+                    new = Member(name=joiner, addr=addr, port=port,
                                  pubkey=trust.public_line(sc.enroll_key), epoch=epoch,
-                                 incarnation=1, version=0, caps=dict(m3.get("caps") or {}),
-                                 joined=time.time())
+                                 incarnation=1, version=0, caps=dict(caps),
+                                 joined=time.time(),
+                                 prev=dict(existing.removal) if existing is not None else {})
+                    new.cert = trust.cert(svc.key, svc.name, trust.ADMIT,
+                                          new.identity(cluster.cluster_id))
                 svc.membership.put(new)
                 await svc.save()
+                svc.gossip.sign_self()
                 writer.write(encode_frame({"t": "enroll4", "node": svc.name,
                                            "cluster": svc.cluster.to_wire()
                                            if svc.cluster else cluster.to_wire(),
@@ -259,7 +328,8 @@ class Enrolment:
             log.warning("enrolment from %s refused: %s", sc.peer, exc or type(exc).__name__)
         finally:
             with contextlib.suppress(Exception):
-                await writer.drain()
+                async with asyncio.timeout(2.0):  # a peer that never reads is not waited for
+                    await writer.drain()
             writer.close()
             if sc.conn is not None:
                 loop = asyncio.get_running_loop()
@@ -292,6 +362,12 @@ class Enrolment:
         await self.svc.save()
         log.info("token %s.. redeemed via %s", token_id[:8], ctx.node)
         return {"ok": True}
+
+
+def _bin(msg: dict[str, Any], key: str, max_len: int = 64) -> bytes:
+    """A short binary field of an enrolment frame (b"" if absent or not binary)."""
+    v = msg.get(key)
+    return bytes(v) if isinstance(v, bytes) and len(v) <= max_len else b""
 
 
 def _raise_if_error(msg: dict[str, Any] | None) -> None:

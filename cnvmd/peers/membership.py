@@ -12,12 +12,20 @@ Records are ordered by ``(epoch, removed, incarnation, version, key)``: ``epoch`
 enrolment (a node re-enrolled after removal gets a higher one), and within an epoch a
 removal tombstone beats any record, so a stale gossip can never resurrect a revoked
 node.
+
+Records also carry signatures (trust.py): ``cert`` (the admission, by the enrolling
+member), ``removal`` (on a tombstone, by the removing member), ``prev`` (on a
+re-admission: the removal of the previous epoch) and ``sig`` (the owner's, over the
+content). This module only stores them; ``merge`` is the trusted, order-only join
+(enrolment, disk); gossip checks the signatures before ``accept``-ing a record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +40,39 @@ ALIVE = "alive"
 SUSPECT = "suspect"
 DOWN = "down"
 
-_STRUCTURAL_SKIP = {"version", "incarnation"}
+_STRUCTURAL_SKIP = {"version", "incarnation", "sig"}
+_PRIVATE = ("pubkey", "sig", "cert", "removal", "prev")
+"""Not shown in views and events (keys and signatures are the mesh's business)."""
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MAX_INT = 1 << 62
+_MAX_CAPS = 16 * 1024
+_MAX_CNVMS = 10_000
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    """JSON-safe data (what the state file and every peer can store)."""
+    if v is None or isinstance(v, str | bool):
+        return True
+    if isinstance(v, int):
+        return -_MAX_INT <= v < _MAX_INT
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if depth >= 4:
+        return False
+    if isinstance(v, list):
+        return all(_plain(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def _signed(d: Any, key: str) -> dict[str, str]:
+    """A {by, sig} certificate field (empty if absent)."""
+    v = d.get(key) or {}
+    if not isinstance(v, dict) or len(v) > 2 or not all(
+            isinstance(k, str) and isinstance(x, str) and len(x) < 1024 for k, x in v.items()):
+        raise ValueError(f"{key} must be a map of strings")
+    return dict(v)
 
 
 @dataclass
@@ -50,6 +90,10 @@ class Member:
     caps: dict[str, Any] = field(default_factory=dict)
     cnvms: list[str] = field(default_factory=list)
     joined: float = 0.0
+    cert: dict[str, str] = field(default_factory=dict)
+    removal: dict[str, str] = field(default_factory=dict)
+    prev: dict[str, str] = field(default_factory=dict)
+    sig: str = ""
 
     def order(self) -> tuple[int, int, int, int, str]:
         """Total order; the key breaks ties so that two members that enrolled the same
@@ -60,10 +104,24 @@ class Member:
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
+    def signed_fields(self, cluster_id: str) -> list[Any]:
+        """What the owner's ``sig`` covers: everything but the certificates."""
+        return [cluster_id, self.name, self.addr, self.port, self.pubkey, self.epoch,
+                self.incarnation, self.version, self.admin, self.caps, self.cnvms, self.joined]
+
+    def identity(self, cluster_id: str) -> list[Any]:
+        """What an admission or a removal covers: who, with which key, in which epoch."""
+        return [cluster_id, self.name, self.pubkey, self.epoch]
+
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Member:
-        """Validate a record received from a peer (or the disk); ValueError if malformed."""
+    def from_wire(cls, d: Any) -> Member:
+        """Validate a record received from a peer (or the disk); ValueError if malformed.
+
+        Bounded and JSON-safe: a record is stored, persisted and re-sent by every
+        member, so what one member sends must not break the others."""
         try:
+            caps = d.get("caps") or {}
+            cnvms = d.get("cnvms") or []
             m = cls(
                 name=str(d["name"]),
                 addr=str(d.get("addr") or ""),
@@ -73,14 +131,25 @@ class Member:
                 incarnation=int(d.get("incarnation", 0)),
                 version=int(d.get("version", 0)),
                 admin=str(d.get("admin", ACTIVE)),
-                caps=dict(d.get("caps") or {}),
-                cnvms=[str(x) for x in (d.get("cnvms") or [])],
+                caps=dict(caps),
+                cnvms=[x for x in cnvms if isinstance(x, str)],
                 joined=float(d.get("joined", 0.0)),
+                cert=_signed(d, "cert"),
+                removal=_signed(d, "removal"),
+                prev=_signed(d, "prev"),
+                sig=str(d.get("sig") or ""),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            ok = (NAME_RE.fullmatch(m.name) is not None and m.admin in (ACTIVE, REMOVED)
+                  and 0 <= m.port < 65536 and len(m.addr) <= 255 and 0 < len(m.pubkey) <= 4096
+                  and len(m.sig) < 1024 and math.isfinite(m.joined)
+                  and all(0 <= x < _MAX_INT for x in (m.epoch, m.incarnation, m.version))
+                  and isinstance(caps, dict) and _plain(caps) and len(str(caps)) <= _MAX_CAPS
+                  and isinstance(cnvms, list) and len(cnvms) == len(m.cnvms) <= _MAX_CNVMS
+                  and all(len(x) <= 253 for x in m.cnvms))
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed member record: {exc}") from None
-        if not m.name or m.admin not in (ACTIVE, REMOVED) or not 0 <= m.port < 65536:
-            raise ValueError(f"malformed member record for {m.name!r}")
+        if not ok:
+            raise ValueError(f"malformed member record for {m.name[:64]!r}")
         return m
 
     def structure(self) -> dict[str, Any]:
@@ -185,7 +254,8 @@ class Membership:
         out = []
         for m in sorted(self.records.values(), key=lambda m: m.name):
             d = m.to_wire()
-            d.pop("pubkey")
+            for k in _PRIVATE:
+                d.pop(k, None)
             d["state"] = self._state.get(m.name, DOWN)
             if m.name == self.self_name:
                 d["last_seen"] = now_w
@@ -220,7 +290,8 @@ class Membership:
 
     def _event(self, kind: str, m: Member, old_state: str | None) -> MemberEvent:
         d = m.to_wire()
-        d.pop("pubkey", None)
+        for k in _PRIVATE:
+            d.pop(k, None)
         return MemberEvent(kind, m.name, self._state.get(m.name, DOWN), old_state, d)
 
     def _emit(self, ev: MemberEvent) -> None:
@@ -296,12 +367,24 @@ class Membership:
                 if cur is None or m.order() > cur.order():
                     about_me.append(m)
                 continue
-            if cur is not None and m.order() <= cur.order():
-                continue
-            self.records[m.name] = m
-            self._last_advance[m.name] = self._clock()
-            self._after_change(cur, m)
+            self.accept(m)
         return about_me
+
+    def newer(self, m: Member) -> bool:
+        """Would ``m`` replace what we hold for its name?"""
+        cur = self.records.get(m.name)
+        return cur is None or m.order() > cur.order()
+
+    def accept(self, m: Member) -> bool:
+        """Install one record of another node if it is newer than ours (the caller has
+        checked its signatures where it came from a peer). True if installed."""
+        cur = self.records.get(m.name)
+        if m.name == self.self_name or (cur is not None and m.order() <= cur.order()):
+            return False
+        self.records[m.name] = m
+        self._last_advance[m.name] = self._clock()
+        self._after_change(cur, m)
+        return True
 
     def _after_change(self, old: Member | None, new: Member) -> None:
         old_state = self._state.get(new.name)

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
+import msgpack
 
 from cnvmd import api
 from cnvmd.api import Args, Context, Router
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from .service import PeerService
 
 log = logging.getLogger("cnvmd.peers")
+
+MAX_ECHO = 1 << 20
 
 
 class Rpc:
@@ -115,8 +118,13 @@ class Rpc:
     # -- built-in peer ops ---------------------------------------------------------------
 
     async def _ping(self, ctx: Context, args: Args) -> dict[str, Any]:
-        """Liveness and clock of this node; echoes ``echo``."""
-        return {"node": self.svc.name, "time": time.time(), "echo": args.get("echo")}
+        """Liveness and clock of this node; echoes ``echo`` (up to 1 MiB: the reply must
+        fit in a frame whatever is asked)."""
+        echo = args.get("echo")
+        if len(msgpack.packb(echo, use_bin_type=True)) > MAX_ECHO:
+            raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"echo is larger than {MAX_ECHO} bytes",
+                             {"arg": "echo"})
+        return {"node": self.svc.name, "time": time.time(), "echo": echo}
 
     async def _nodes(self, ctx: Context, args: Args) -> list[dict[str, Any]]:
         """This node's view of the members."""

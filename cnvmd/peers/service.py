@@ -76,6 +76,7 @@ class PeerService:
         self.advertise_address = advertise_address or (
             listen if listen not in ("0.0.0.0", "::", "") else "")
         self.dir = Path(config.state_dir) / _STATE_KIND
+        self.transfer_dir = Path(os.path.normpath(Path(config.state_dir).absolute() / "transfer"))
         self.store = StateStore(Path(config.state_dir))
         self.membership = Membership(self.name, suspect_after=suspect_after,
                                      down_after=down_after)
@@ -83,7 +84,9 @@ class PeerService:
         self.ledger = trust.TokenLedger()
         self.key: asyncssh.SSHKey | None = None
         self.port = config.peer_port
-        self.allowed_roots: list[Path] = [Path(config.state_dir)]
+        self.allowed_roots: list[Path] = [self.transfer_dir]
+        """Where peers may put/get files (bulk.py); never the whole state dir, which
+        holds this node's private key and every cnvm's files."""
         self.router = router if router is not None else Router()
         self.api_router = api_router
         self.daemon = daemon
@@ -202,8 +205,9 @@ class PeerService:
         self.router.stream(kind)(handler)
 
     def allow_root(self, path: Path) -> None:
-        """Let peers put/get files under ``path`` (state dir is allowed by default)."""
-        self.allowed_roots.append(Path(os.path.normpath(path)))
+        """Let peers put/get files beneath ``path`` (default: ``<state_dir>/transfer``
+        only), never through a symlink."""
+        self.allowed_roots.append(Path(os.path.normpath(Path(path).absolute())))
 
     # -- membership ----------------------------------------------------------------------
 

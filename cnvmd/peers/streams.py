@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
+import ipaddress
 import logging
 import os
+import secrets
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -295,44 +299,180 @@ class TcpRelay:
 
 # -- server-side handlers for the built-in stream kinds ---------------------------------
 
-_LOOPBACK = ("127.", "::1", "localhost")
-
-
 async def serve_tcp(stream: PeerStream, args: dict[str, Any]) -> None:
-    """Connect to a local port and splice; only loopback targets (CRIU listens there)."""
-    host, port = str(args.get("host", "127.0.0.1")), int(args.get("port", 0))
-    if not host.startswith(_LOOPBACK) or not 0 < port < 65536:
-        raise ProtoError(ErrorCode.PERMISSION_DENIED, f"relay target {host}:{port} not allowed")
+    """Connect to a local port and splice; only literal loopback IPs (CRIU listens
+    there): a name would be resolved, and ``127.evil.example`` is no loopback."""
+    host, port = args.get("host", "127.0.0.1"), args.get("port")
     try:
-        reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+        ip = ipaddress.ip_address(host) if isinstance(host, str) else None
+    except ValueError:
+        ip = None
+    if ip is None:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT,
+                         f"relay host must be a literal IP address, got {host!r:.80}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"relay port {port!r:.40} out of range")
+    if not ip.is_loopback:
+        raise ProtoError(ErrorCode.PERMISSION_DENIED, f"relay target {ip}:{port} not allowed")
+    try:
+        reader, writer = await asyncio.open_connection(str(ip), port, limit=CHUNK)
     except OSError as exc:
-        raise ProtoError(ErrorCode.UNAVAILABLE, f"connect {host}:{port}: {exc}") from None
+        raise ProtoError(ErrorCode.UNAVAILABLE, f"connect {ip}:{port}: {exc}") from None
     await stream.write_frame({"ok": True})
     await splice(stream, reader, writer)
 
 
-def check_path(path: str, roots: list[Path]) -> Path:
-    p = Path(path)
-    if not p.is_absolute():
-        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"path must be absolute: {path}")
-    rp = Path(os.path.normpath(p))
-    if not any(rp == r or r in rp.parents for r in roots):
-        raise ProtoError(ErrorCode.PERMISSION_DENIED, f"{path} is outside the allowed roots")
-    return rp
+# -- files beneath a root, never through a symlink ---------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_path(path: Any, roots: list[Path]) -> tuple[Path, list[str]]:
+    """Split a peer-supplied absolute path into (allowed root, components beneath it).
+
+    Purely lexical and strict: no ``.``/``..``/empty components, no NUL, bounded
+    length. The components are then opened one by one (``open_beneath``)."""
+    if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, "path must be a non-empty string")
+    if not path.startswith("/"):
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"path must be absolute: {path:.200}")
+    parts = path.split("/")[1:]
+    if any(p in ("", ".", "..") or len(p.encode(errors="surrogatepass")) > 255
+           for p in parts):
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT,
+                         f"path must be normalised (no '.', '..' or '//'): {path:.200}")
+    for root in roots:
+        rparts = root.parts[1:]
+        if len(parts) > len(rparts) and tuple(parts[:len(rparts)]) == rparts:
+            return root, parts[len(rparts):]
+    raise ProtoError(ErrorCode.PERMISSION_DENIED, f"{path:.200} is outside the allowed roots")
+
+
+def _beneath_error(exc: OSError, path: str) -> ProtoError:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+        return ProtoError(ErrorCode.INVALID_ARGUMENT,
+                          f"{path}: a symlink or non-directory on the way (not followed)")
+    if exc.errno == errno.ENOENT:
+        return ProtoError(ErrorCode.NOT_FOUND, f"{path}: no such file")
+    return ProtoError(ErrorCode.FAILED, f"{path}: {exc.strerror}")
+
+
+def open_parent(root: Path, parts: list[str], *, create: bool) -> int:
+    """A directory fd for the parent of ``parts`` beneath ``root``, walked one
+    component at a time with O_NOFOLLOW (a symlink anywhere is refused, never
+    followed); ``create`` makes missing directories (0700). Caller closes the fd."""
+    if create:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_beneath(root: Path, parts: list[str]) -> tuple[int, int]:
+    """Open a regular file beneath ``root`` for reading without following any
+    symlink; returns (fd, size). ProtoError INVALID_ARGUMENT for a symlink or a
+    non-regular file, NOT_FOUND if missing."""
+    shown = str(root.joinpath(*parts))
+    try:
+        dfd = open_parent(root, parts, create=False)
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise _beneath_error(exc, shown) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT, f"{shown}: not a regular file")
+    return fd, st.st_size
+
+
+async def receive_beneath(stream: PeerStream, root: Path, parts: list[str],
+                          mode: int = 0o644, *,
+                          ready: Callable[[], Awaitable[None]] | None = None
+                          ) -> dict[str, Any]:
+    """``receive_file`` into ``root/parts`` without following symlinks: directories
+    walked with O_NOFOLLOW, a new temp file (O_EXCL|O_NOFOLLOW) renamed over the
+    name (a symlink there is replaced, never written through). ``ready`` is awaited
+    once the file could be created (accept the stream there: refusals before it)."""
+    shown = str(root.joinpath(*parts))
+    tmp = f".{parts[-1][:200]}.part{os.getpid()}.{secrets.token_hex(4)}"
+
+    def prepare() -> tuple[int, int]:
+        dfd = open_parent(root, parts, create=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode & 0o777, dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
+        return dfd, fd
+
+    try:
+        dfd, fd = await asyncio.to_thread(prepare)
+    except OSError as exc:
+        raise _beneath_error(exc, shown) from None
+    ok = False
+    try:
+        if ready is not None:
+            await ready()
+        got = await _receive_fd(stream, fd, None)
+        await asyncio.to_thread(os.replace, tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+        ok = True
+    except OSError as exc:
+        raise _beneath_error(exc, shown) from None
+    finally:
+        os.close(fd)
+        if not ok:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+        os.close(dfd)
+    return got
 
 
 async def receive_file(stream: PeerStream, dest: Path, mode: int = 0o644,
                        limit: int | None = None) -> dict[str, Any]:
-    """Write the stream (to EOF, or ``limit`` bytes) to dest; temp + rename, so a cut
-    transfer leaves no half file."""
+    """Write the stream (to EOF, or ``limit`` bytes) to a local ``dest`` the caller
+    chose; temp + rename, so a cut transfer leaves no half file."""
     await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
     fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    h = hashlib.sha256()
-    n = 0
     ok = False
     try:
-        pending: asyncio.Future[Any] | None = None
+        got = await _receive_fd(stream, fd, limit)
+        ok = True
+    finally:
+        os.close(fd)
+        if ok:
+            await asyncio.to_thread(os.replace, tmp, dest)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return got
+
+
+async def _receive_fd(stream: PeerStream, fd: int, limit: int | None) -> dict[str, Any]:
+    """Stream → fd (to EOF or ``limit``), writes in a thread, fsync at the end."""
+    h = hashlib.sha256()
+    n = 0
+    pending: asyncio.Future[Any] | None = None
+    try:
         while True:
             want = CHUNK * 4 if limit is None else min(CHUNK * 4, limit - n)
             if want <= 0:
@@ -347,23 +487,21 @@ async def receive_file(stream: PeerStream, dest: Path, mode: int = 0o644,
             pending = asyncio.ensure_future(asyncio.to_thread(os.write, fd, data))
         if pending is not None:
             await pending
+            pending = None
         await asyncio.to_thread(os.fsync, fd)
-        ok = True
     finally:
-        os.close(fd)
-        if ok:
-            await asyncio.to_thread(os.replace, tmp, dest)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        if pending is not None:  # never close the fd under a running write
+            with contextlib.suppress(BaseException):
+                await pending
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
-async def send_file(stream: PeerStream, src: Path, *, limit: int | None = None,
+async def send_file(stream: PeerStream, src: Path | int, *, limit: int | None = None,
                     eof: bool = True) -> dict[str, Any]:
-    """Copy a file (or its first ``limit`` bytes) into the stream, reading the next chunk
-    in a thread while the last one is sent (disk reads never stall the loop)."""
-    fd = await asyncio.to_thread(os.open, src, os.O_RDONLY)
+    """Copy a file (a local path, or an open fd that this takes over) or its first
+    ``limit`` bytes into the stream, reading the next chunk in a thread while the last
+    one is sent (disk reads never stall the loop)."""
+    fd = src if isinstance(src, int) else await asyncio.to_thread(os.open, src, os.O_RDONLY)
     h = hashlib.sha256()
     n = 0
 

@@ -7,6 +7,13 @@ address, ``peer_port``); at most one outgoing connection per peer, reused for th
 multiplexed RPC channel (``cnvm-rpc``) and one fresh channel per bulk stream
 (``cnvm-stream``). Members authenticate with their pinned keys only; an unenrolled
 node may only open ``cnvm-enroll`` as user ``_enroll`` (see enrol.py, trust.py).
+
+Nobody outside the cluster may exhaust the port: connections that are not (yet) an
+authenticated member hold a *pre-auth slot*, limited per source address and in
+total; the oldest slot of the busiest source gives way to a new connection (so a
+flood never locks members out, it only churns itself), and a slot is freed when its
+connection dies. ``_enroll`` connections additionally hold an *enrolment slot*
+(smaller caps), live at most ``enroll_timeout`` and get one small-window channel.
 """
 
 from __future__ import annotations
@@ -14,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
-from asyncssh.connection import SSHConnection
 
 from proto.framing import FrameDecoder, FrameError
 from proto.messages import ErrorCode, ProtoError
@@ -37,8 +42,18 @@ ENROLL_USER = "_enroll"
 SUB_RPC = "cnvm-rpc"
 SUB_STREAM = "cnvm-stream"
 SUB_ENROLL = "cnvm-enroll"
-MAX_UNAUTHENTICATED = 64
-"""Connections allowed to sit before authentication (login_timeout closes them)."""
+PREAUTH_PER_SOURCE = 8
+"""Connections from one address that are not an authenticated member (enrolling ones
+included). A member authenticates within milliseconds, so this only bounds floods."""
+PREAUTH_TOTAL = 128
+"""Such connections from all addresses together."""
+ENROLL_PER_SOURCE = 2
+"""``_enroll`` connections (any key gets that far) per source address..."""
+ENROLL_TOTAL = 16
+"""...and in total; each may buffer at most ENROLL_WINDOW + one frame."""
+ENROLL_WINDOW = 64 * 1024
+"""SSH window of an enrolment channel: what an unenrolled peer can make us buffer."""
+ENROLL_PKTSIZE = 32 * 1024
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 MemberChannel = Callable[[str, "asyncssh.SSHReader[bytes]", "asyncssh.SSHWriter[bytes]"],
@@ -61,6 +76,9 @@ class Tuning:
     bench/peer_throughput.py), affordable once the malloc thresholds are raised."""
     connect_timeout: float = 3.0
     login_timeout: float = 10.0
+    """Auth timeout: a connection that has not authenticated by then is closed."""
+    enroll_timeout: float = 20.0
+    """Lifetime of an ``_enroll`` connection (the exchange itself takes < 1 s)."""
     keepalive_interval: float = 5.0
     skip_ignore: bool = True
     """Drop asyncssh's empty MSG_IGNORE before each packet on AEAD ciphers (a CBC-era
@@ -157,6 +175,51 @@ class Link:
         self.conn.close()
 
 
+class SlotPool:
+    """Bounded slots per source address and in total, oldest first out.
+
+    Why eviction rather than refusal: refusing new connections once full would let a
+    flood of idle connections lock members out until they time out; evicting the
+    oldest connection of the busiest source keeps the bound and lets a newcomer
+    (a member, a joiner) in, so an attacker only churns its own connections. Slots
+    are strong references removed on ``release`` (the connection's death): nothing
+    here depends on garbage collection.
+    """
+
+    def __init__(self, what: str, per_source: int, total: int) -> None:
+        self.what = what
+        self.per_source = per_source
+        self.total = total
+        self.by_source: dict[str, dict[ServerConn, None]] = {}
+        self.count = 0
+
+    def admit(self, sc: ServerConn) -> list[ServerConn]:
+        """Take a slot for ``sc``; returns the connections that must give way."""
+        victims: list[ServerConn] = []
+        mine = self.by_source.setdefault(sc.source, {})
+        if len(mine) >= self.per_source:
+            victims.append(next(iter(mine)))
+        elif self.count >= self.total:
+            busiest = max(self.by_source.values(), key=len)
+            victims.append(next(iter(busiest)))
+        for v in victims:
+            self.release(v)
+        self.by_source.setdefault(sc.source, {})[sc] = None
+        self.count += 1
+        return victims
+
+    def release(self, sc: ServerConn) -> None:
+        mine = self.by_source.get(sc.source)
+        if mine is not None and sc in mine:
+            del mine[sc]
+            self.count -= 1
+            if not mine:
+                del self.by_source[sc.source]
+
+    def holds(self, sc: ServerConn) -> bool:
+        return sc in self.by_source.get(sc.source, {})
+
+
 class ServerConn(asyncssh.SSHServer):
     """Per-connection server object: authentication decisions and refusal logging."""
 
@@ -165,28 +228,43 @@ class ServerConn(asyncssh.SSHServer):
         self.svc = transport.svc
         self.conn: asyncssh.SSHServerConnection | None = None
         self.peer = "?"
+        self.source = "?"
         self.node: str | None = None
         self.enroll_key: asyncssh.SSHKey | None = None
+        self.enroll_channels = 0
         self.authed = False
         self.refused = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         pn = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{pn[0]}:{pn[1]}"
-        conns = self.transport.server_conns
-        pending = sum(1 for sc in conns.values() if not sc.authed)
-        conns[conn] = self
-        if pending >= MAX_UNAUTHENTICATED:
-            # A flood of half-open or junk connections must not starve members.
+        self.source = str(pn[0])
+        t = self.transport
+        t.server_conns[conn] = self
+        for victim in t.preauth.admit(self):
+            victim.evict(f"{t.preauth.what}: {victim.source} or the port is at its limit")
+
+    def evict(self, why: str) -> None:
+        """Close this connection to make room (logged once, at warning level)."""
+        if not self.refused:
             self.refused = True
-            log.warning("peer port: %s refused: %d connections already awaiting "
-                        "authentication", self.peer, pending)
-            conn.close()
+            log.warning("peer port: %s closed before authentication: %s", self.peer, why)
+        if self.conn is not None:
+            self.conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.authed and not self.refused:
-            log.warning("peer port: connection from %s refused/closed before authentication%s",
+        t = self.transport
+        t.preauth.release(self)
+        t.enrolling.release(self)
+        if self.conn is not None:
+            t.server_conns.pop(self.conn, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.node is None and not self.refused:
+            log.warning("peer port: connection from %s closed before a member authenticated%s",
                         self.peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
@@ -210,11 +288,13 @@ class ServerConn(asyncssh.SSHServer):
                             self.peer)
                 return False
             self.enroll_key = key
+            self.node = None
             return True
         pinned = svc.membership.pinned_key(username)
         if (svc.cluster is not None and pinned is not None and username != svc.name
                 and trust.same_key(key, pinned)):
             self.node = username
+            self.enroll_key = None
             return True
         self.refused = True
         log.warning("peer port: refused %s from %s: key %s is not the pinned key of an "
@@ -223,7 +303,48 @@ class ServerConn(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.authed = True
-        log.debug("peer port: %s authenticated from %s", self.node or ENROLL_USER, self.peer)
+        t = self.transport
+        user = self.conn.get_extra_info("username") if self.conn is not None else None
+        if user != (self.node or ENROLL_USER):  # never trust state left by a probe
+            self.node = None
+            self.evict(f"authenticated as {user!r} after probing another user")
+            return
+        if self.node is not None:
+            t.preauth.release(self)  # a member: its slot is free for others at once
+            log.debug("peer port: %s authenticated from %s", self.node, self.peer)
+            return
+        # The enrolment user is no member: it keeps its pre-auth slot, takes an
+        # enrolment slot and has a bounded life.
+        for victim in t.enrolling.admit(self):
+            victim.evict(f"{t.enrolling.what}: too many enrolments in progress")
+        if self.conn is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                t.tuning.enroll_timeout, self._enroll_expired)
+        log.debug("peer port: %s authenticated as %s", self.peer, ENROLL_USER)
+
+    def _enroll_expired(self) -> None:
+        self._timer = None
+        self.evict(f"enrolment not finished within {self.transport.tuning.enroll_timeout:g}s")
+
+    def session_requested(self) -> Any:
+        """Members get channels with the tuned window; the enrolment user one channel
+        with a small window (bounds what it can make us buffer)."""
+        if not self.authed or self.conn is None:
+            return False
+        if self.node is None:
+            self.enroll_channels += 1
+            if self.enroll_channels > 1:
+                log.warning("peer port: %s as %s opened a second channel: refused", self.peer,
+                            ENROLL_USER)
+                return False
+            chan = self.conn.create_server_channel(encoding=None, window=ENROLL_WINDOW,
+                                                   max_pktsize=ENROLL_PKTSIZE)
+            return chan, self._handler
+        return self._handler
+
+    def _handler(self, stdin: asyncssh.SSHReader[bytes], stdout: asyncssh.SSHWriter[bytes],
+                 stderr: asyncssh.SSHWriter[bytes]) -> Awaitable[None]:
+        return self.transport.serve_channel(self, stdin, stdout)
 
     def connection_requested(self, *_a: Any) -> bool:
         return False
@@ -244,8 +365,10 @@ class Transport:
         self.svc = svc
         self.tuning = svc.tuning
         self.server: asyncssh.SSHAcceptor | None = None
-        self.server_conns: weakref.WeakKeyDictionary[SSHConnection, ServerConn] = \
-            weakref.WeakKeyDictionary()
+        self.server_conns: dict[asyncssh.SSHServerConnection, ServerConn] = {}
+        """Live server-side connections; an entry goes in ``connection_lost``."""
+        self.preauth = SlotPool("pre-auth connections", PREAUTH_PER_SOURCE, PREAUTH_TOTAL)
+        self.enrolling = SlotPool("enrolments", ENROLL_PER_SOURCE, ENROLL_TOTAL)
         self.links: dict[str, Link] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.channels: dict[str, MemberChannel] = {}
@@ -257,7 +380,7 @@ class Transport:
         """Open the peer port; returns the port actually bound."""
         self.server = await asyncssh.create_server(
             lambda: ServerConn(self), host, port, server_host_keys=[key],
-            session_factory=self._session, login_timeout=self.tuning.login_timeout,
+            login_timeout=self.tuning.login_timeout,
             allow_scp=False, agent_forwarding=False, x11_forwarding=False,
             keepalive_interval=self.tuning.keepalive_interval, reuse_address=True,
             encoding=None, **self.tuning.options())
@@ -280,15 +403,11 @@ class Transport:
                 log.warning("closing connection of removed node %s", node)
                 conn.close()
 
-    async def _session(self, stdin: asyncssh.SSHReader[bytes],
-                       stdout: asyncssh.SSHWriter[bytes],
-                       stderr: asyncssh.SSHWriter[bytes]) -> None:
-        chan = stdin.channel
-        sc = self.server_conns.get(chan.get_connection())
-        sub = chan.get_subsystem()
-        if sc is None:
-            stdout.close()
-            return
+    async def serve_channel(self, sc: ServerConn, stdin: asyncssh.SSHReader[bytes],
+                            stdout: asyncssh.SSHWriter[bytes]) -> None:
+        """Hand a channel to the layer that owns its subsystem (members), or to
+        enrolment (the ``_enroll`` user, which may open nothing else)."""
+        sub = stdin.channel.get_subsystem()
         try:
             if sc.node is None:
                 if sub == SUB_ENROLL and self.enroll is not None:
@@ -306,6 +425,8 @@ class Transport:
             await handler(sc.node, stdin, stdout)
         except (asyncssh.Error, OSError, asyncio.CancelledError):
             pass
+        except Exception:
+            log.exception("peer %s: channel %r failed", sc.node or sc.peer, sub)
         finally:
             stdout.close()
 

@@ -15,17 +15,25 @@ Design (why it is safe without trust-on-first-use):
 - Single use: only the issuer keeps the token id (issued list); redeeming it anywhere
   makes the redeeming member ask the issuer to consume it, atomically and persisted,
   so a replay at any member is refused. Expiry is absolute wall time.
+- Membership changes carry signatures by node keys (``sign``/``verify``), so gossip
+  only spreads what a member decided and cannot invent it: an *admission* (name, key,
+  enrolment epoch) is signed by the member that enrolled the node, a *removal* by the
+  member that removed it, a *rotation* of the cluster secret by the member whose
+  removal caused it, and every record's content (address, caps, heartbeat) by its
+  owner. The policy that checks them is gossip.py's.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import hmac
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,14 @@ MAX_TOKEN_TTL = 7 * 86400.0
 _TAG_LABEL = b"cnvm-join-token-v1\0"
 _SERVER_LABEL = b"cnvm-enroll-server-v1\0"
 _CLIENT_LABEL = b"cnvm-enroll-client-v1\0"
+ADMIT = b"cnvm-admit-v1\0"
+"""Signed by the enrolling member: [cluster_id, name, pubkey, epoch]."""
+REMOVE = b"cnvm-remove-v1\0"
+"""Signed by the removing member: [cluster_id, name, pubkey, epoch]."""
+RECORD = b"cnvm-record-v1\0"
+"""Signed by a record's owner: the record's content (membership.Member.signed_fields)."""
+ROTATE = b"cnvm-rotate-v1\0"
+"""Signed by the remover: [cluster_id, epoch, sha256(secret), removed node]."""
 
 
 def load_or_create_key(path: Path) -> asyncssh.SSHKey:
@@ -68,6 +84,52 @@ def fingerprint(key_or_line: asyncssh.SSHKey | str) -> str:
     return key.get_fingerprint("sha256")
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(line: str) -> asyncssh.SSHKey | None:
+    try:
+        return key_from_line(line)
+    except (asyncssh.KeyImportError, ValueError, TypeError):
+        return None
+
+
+def canonical(obj: Any) -> Any:
+    """A form of ``obj`` whose msgpack encoding does not depend on map order (state
+    files sort keys, msgpack keeps them as sent): what signatures cover."""
+    if isinstance(obj, dict):
+        return [[str(k), canonical(v)] for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))]
+    if isinstance(obj, list | tuple):
+        return [canonical(x) for x in obj]
+    return obj
+
+
+def _signed_bytes(label: bytes, fields: list[Any]) -> bytes:
+    return label + msgpack.packb(canonical(fields), use_bin_type=True)
+
+
+def sign(key: asyncssh.SSHKey, label: bytes, fields: list[Any]) -> str:
+    """Sign ``fields`` under ``label`` with a node key; base64 text (state files are JSON)."""
+    return _b64e(key.sign(_signed_bytes(label, fields), key.sig_algorithms[0]))
+
+
+def verify(pubkey_line: str | None, label: bytes, fields: list[Any], sig: Any) -> bool:
+    """True if ``sig`` is ``sign(key, label, fields)`` by the key of ``pubkey_line``;
+    False for anything malformed (never raises: inputs come from the wire)."""
+    if not pubkey_line or not isinstance(sig, str) or not sig or len(sig) > 1024:
+        return False
+    key = _public_key(pubkey_line)
+    if key is None:
+        return False
+    try:
+        return bool(key.verify(_signed_bytes(label, fields), _b64d(sig)))
+    except (ValueError, TypeError, binascii.Error, OverflowError):
+        return False
+
+
+def cert(key: asyncssh.SSHKey, by: str, label: bytes, fields: list[Any]) -> dict[str, str]:
+    """A signed statement as carried in records: ``{"by": signer, "sig": ...}``."""
+    return {"by": by, "sig": sign(key, label, fields)}
+
+
 def same_key(a: asyncssh.SSHKey, line: str) -> bool:
     try:
         return hmac.compare_digest(a.public_data, key_from_line(line).public_data)
@@ -83,18 +145,29 @@ class Cluster:
     epoch: int
     secret: str  # hex
     created: float
+    proof: dict[str, str] = field(default_factory=dict)
+    """For epoch > 1: {by, removed, sig}, the rotation signed by the member that
+    removed ``removed`` (``rotation_fields``); gossip refuses an epoch without it."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"cluster_id": self.cluster_id, "epoch": self.epoch, "secret": self.secret,
-                "created": self.created}
+        d: dict[str, Any] = {"cluster_id": self.cluster_id, "epoch": self.epoch,
+                             "secret": self.secret, "created": self.created}
+        if self.proof:
+            d["proof"] = dict(self.proof)
+        return d
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Cluster:
+    def from_wire(cls, d: Any) -> Cluster:
+        """Validate a cluster record (from a peer or the disk); ValueError if malformed."""
         try:
+            proof = d.get("proof") or {}
             c = cls(str(d["cluster_id"]), int(d["epoch"]), str(d["secret"]),
-                    float(d.get("created", 0.0)))
-            bytes.fromhex(c.secret)
-        except (KeyError, TypeError, ValueError) as exc:
+                    float(d.get("created", 0.0)),
+                    {str(k): str(v) for k, v in proof.items()})
+            if len(bytes.fromhex(c.secret)) != 32 or not 0 < c.epoch < 1 << 62 \
+                    or len(c.cluster_id) > 64 or len(c.proof) > 3:
+                raise ValueError("out of range")
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed cluster record: {exc}") from None
         return c
 
@@ -102,8 +175,16 @@ class Cluster:
     def new(cls) -> Cluster:
         return cls(secrets.token_hex(8), 1, secrets.token_hex(32), time.time())
 
-    def rotated(self) -> Cluster:
-        return Cluster(self.cluster_id, self.epoch + 1, secrets.token_hex(32), self.created)
+    def rotation_fields(self) -> list[Any]:
+        return [self.cluster_id, self.epoch, hashlib.sha256(self.secret.encode()).hexdigest(),
+                self.proof.get("removed", "")]
+
+    def rotated(self, key: asyncssh.SSHKey, by: str, removed: str) -> Cluster:
+        """The next epoch with a fresh secret, signed by ``by`` (who removed ``removed``)."""
+        c = Cluster(self.cluster_id, self.epoch + 1, secrets.token_hex(32), self.created,
+                    {"by": by, "removed": removed})
+        c.proof["sig"] = sign(key, ROTATE, c.rotation_fields())
+        return c
 
 
 @dataclass(frozen=True)

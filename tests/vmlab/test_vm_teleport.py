@@ -282,23 +282,6 @@ def test_overlay_uses_private_link(served: tuple[VMLab, Client, str]) -> None:
     assert c.last >= 20
 
 
-def test_precopy_then_hybrid(served: tuple[VMLab, Client, str]) -> None:
-    lab, c, ip = served
-    port = c.port
-    t0 = time.monotonic()
-    reps = [_teleport(lab, c, ip, 0, 1, "precopy"), _teleport(lab, c, ip, 1, 0, "hybrid")]
-    assert c.port == port  # one and the same connection all along
-    hist = _json(lab.cnvmctl(0, f"--json teleports {NAME}"))["reports"]
-    assert [(r["mode"], r["target"]) for r in hist][-2:] == [("precopy", "lv2"),
-                                                           ("hybrid", "lv1")]
-    print("\n" + json.dumps({
-        "timings": lab.timings, "teleports_s": round(time.monotonic() - t0, 1),
-        "modes": {r["mode"]: {"frozen_s": r["frozen_seconds"], "total_s": r["total_seconds"],
-                              "client_stall_s": round(r["_client_stall"], 3),
-                              "rounds": [(x["kind"], x["bytes"], x["seconds"])
-                                         for x in r["rounds"]]} for r in reps}}))
-
-
 FAULT_CALL = r"""
 import asyncio, json, sys
 from proto.client import Client
@@ -338,3 +321,21 @@ def test_precopy_fault_unwinds_to_the_source(served: tuple[VMLab, Client, str],
     assert out["report"]["rolled_back"], out
     c.wait_more(20, timeout=180)
     _assert_on(lab, c, ip, src)
+
+
+def test_precopy_then_hybrid(served: tuple[VMLab, Client, str]) -> None:
+    lab, c, ip = served
+    port = c.port
+    t0 = time.monotonic()
+    reps = [_teleport(lab, c, ip, 0, 1, "precopy"), _teleport(lab, c, ip, 1, 0, "hybrid")]
+    assert c.port == port  # one and the same connection all along
+    hist = _json(lab.cnvmctl(0, f"--json teleports {NAME}"))["reports"]
+    assert [(r["mode"], r["target"]) for r in hist][-2:] == [("precopy", "lv2"),
+                                                           ("hybrid", "lv1")]
+    print("\n" + json.dumps({
+        "timings": lab.timings, "teleports_s": round(time.monotonic() - t0, 1),
+        "modes": {r["mode"]: {"frozen_s": r["frozen_seconds"], "total_s": r["total_seconds"],
+                              "client_stall_s": round(r["_client_stall"], 3),
+                              "rounds": [(x["kind"], x["bytes"], x["seconds"])
+                                         for x in r["rounds"]]} for r in reps}}))
+
