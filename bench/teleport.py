@@ -1,6 +1,8 @@
-"""Teleport bench (issue 7): client-seen stall, frozen time, total time and bytes on the
-wire per mode, for a cnvm with MEM MiB resident that keeps dirtying memory while a
-client on the client host sends a request every 10 ms over one TCP connection.
+"""Teleport bench (issues 7, 13): client-seen stall, frozen time, total time and bytes
+on the wire per mode and size, and the median of every step of the frozen window
+("where the frozen time went"), for a cnvm with MEM MiB resident that keeps dirtying
+memory (MEM 0: a plain busybox cnvm) while a client on the client host sends a
+request every 10 ms over one TCP connection.
 
 Modes here: postcopy, stop-copy (streamed pages over the peer SSH channel), and the
 seed's method in the same run (`seed`: dump everything to a directory, copy the
@@ -8,7 +10,10 @@ directory to the target — here over the same peer channel instead of scp — t
 restore). precopy/hybrid need soft-dirty tracking, absent on these hosts (they run
 in the VM lab). Root only; builds its own lab (`tb`) and removes it. Not a test.
 
-    .venv/bin/python bench/teleport.py [--mem 256] [--dirty 16] [--rounds 2] [--json]
+    .venv/bin/python bench/teleport.py [--mem 0,256] [--dirty 16] [--rounds 10]
+        [--modes postcopy,stop-copy,seed] [--json] [--out bench/results/teleport.md]
+
+Run it on a quiet machine (nothing else timing or building): medians of >= 10 hops.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -62,35 +69,135 @@ async def rss_of(tl: TeleLab, node: str) -> int:
     return sum(int(ln.split()[1]) * 1024 for ln in res["stdout"].splitlines() if ln.strip())
 
 
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       "")
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1]) >> 20
+    except (OSError, StopIteration):
+        pass
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
+        except OSError:
+            return "?"
+        return out.splitlines()[0] if out else "?"
+
+    return {"cpu": f"{os.cpu_count()} x {cpu}", "memory": f"{mem} GiB",
+            "kernel": platform.release(), "python": platform.python_version(),
+            "runc": version(["runc", "--version"]),
+            "criu": version(["/opt/cnvm/bin/criu", "--version"]) if Path(
+                "/opt/cnvm/bin/criu").exists() else version(["criu", "--version"])}
+
+
+def step_medians(rows: list[dict[str, Any]]) -> list[tuple[str, str, float, float, str]]:
+    """(side, step, median start ms, median ms, clock) over the rows, by start."""
+    acc: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        for x in r.get("timeline") or []:
+            acc.setdefault((x["side"], x["step"], x.get("clock", "cnvmd")), []).append(
+                (float(x["start_ms"]), float(x["ms"])))
+    out = [(side, step, statistics.median(a for a, _ in v), statistics.median(b for _, b in v),
+            clock) for (side, step, clock), v in acc.items()]
+    return sorted(out, key=lambda t: (t[2], t[4] != "cnvmd"))
+
+
+def report(rows: list[dict[str, Any]], sizes: dict[int, int], modes: list[str],
+           dirty: int, info: dict[str, str]) -> str:
+    out = [f"# Teleport bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+           "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
+           f"A cnvm dirtying {dirty} MiB/s (size 0: plain busybox, no dirtier); a client on "
+           "the client host sends a request every 10 ms on one TCP connection. Stall: the "
+           "longest gap between the client's replies around the hop. Frozen: from the "
+           "freeze to the target's answer.", "",
+           "| size | mode | hops | stall ms (median, min-max) | frozen ms (median, min-max) "
+           "| total s | wire MB |", "|---|---|---|---|---|---|---|"]
+    for size, resident in sizes.items():
+        for mode in modes:
+            mine = [r for r in rows if r["mode"] == mode and r["size"] == size]
+            if not mine:
+                continue
+            st = [r["stall_ms"] for r in mine]
+            fr = [r["frozen_ms"] for r in mine]
+            out.append(f"| {resident / 2**20:.0f} MiB | {mode} | {len(mine)} | "
+                       f"{statistics.median(st):.0f} ({min(st)}-{max(st)}) | "
+                       f"{statistics.median(fr):.0f} ({min(fr)}-{max(fr)}) | "
+                       f"{statistics.median(r['total_s'] for r in mine):.2f} | "
+                       f"{statistics.median(r['wire_mb'] for r in mine):.1f} |")
+    for size, resident in sizes.items():
+        for mode in modes:
+            mine = [r for r in rows if r["mode"] == mode and r["size"] == size]
+            steps = step_medians(mine)
+            if not steps:
+                continue
+            out += ["", f"## Where the frozen time went: {resident / 2**20:.0f} MiB, {mode} "
+                    f"(medians of {len(mine)} hops)", "",
+                    "| side | step | starts at ms | takes ms |", "|---|---|---|---|"]
+            for side, step, start, ms, clock in steps:
+                name = f"&nbsp;&nbsp;{step}" if clock == "criu" else step
+                out.append(f"| {side} | {name} | {start:.1f} | {ms:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mem", type=int, default=256, help="MiB resident (default 256)")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--mem", default="0,256",
+                    help="MiB resident, comma-separated sizes (0: plain busybox; default 0,256)")
     ap.add_argument("--dirty", type=int, default=16, help="MiB/s dirtied (default 16)")
-    ap.add_argument("--rounds", type=int, default=2, help="teleports per mode (default 2)")
+    ap.add_argument("--rounds", type=int, default=10, help="teleports per mode (default 10)")
     ap.add_argument("--modes", default="postcopy,stop-copy,seed")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
     a = ap.parse_args()
+    modes = a.modes.split(",")
+    rows: list[dict[str, Any]] = []
+    sizes: dict[int, int] = {}
+    for size in (int(x) for x in a.mem.split(",")):
+        sizes[size] = await one_size(size, a.dirty, a.rounds, modes, rows)
+    if a.json:
+        print(json.dumps({"sizes": sizes, "rows": rows}, indent=2))
+        return
+    text = report(rows, sizes, modes, a.dirty, machine())
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+
+
+async def one_size(size: int, dirty: int, rounds: int, modes: list[str],
+                   rows: list[dict[str, Any]]) -> int:
+    """A lab, one cnvm of `size` MiB (0: no dirtier), `rounds` hops per mode; returns
+    the cnvm's resident bytes. Rows are appended as hops finish."""
     tmp = Path(tempfile.mkdtemp(prefix="cnvm-bench-"))
     tl = TeleLab("tb", 2)
-    rows: list[dict[str, Any]] = []
     try:
-        hog = build_hog(tmp)
         await tl.up(tmp)
-        await tl.deploy(NAME, IP, memory=f"{a.mem + 256}M")
-        upper = labpaths.node_state_dir("tb", "node1") / "cnvms" / NAME / "upper"
-        shutil.copy2(hog, upper / "hog")
-        await tl.call("node1", "exec", {"name": NAME, "cmd": [
-            "sh", "-c", f"/hog {a.mem} {a.dirty} </dev/null >/dev/null 2>&1 &"]})
-        for _ in range(100):
-            if await rss_of(tl, "node1") >= a.mem << 20:
-                break
-            await asyncio.sleep(0.2)
+        await tl.deploy(NAME, IP, memory=f"{size + 256}M")
+        if size:
+            hog = build_hog(tmp)
+            upper = labpaths.node_state_dir("tb", "node1") / "cnvms" / NAME / "upper"
+            shutil.copy2(hog, upper / "hog")
+            await tl.call("node1", "exec", {"name": NAME, "cmd": [
+                "sh", "-c", f"/hog {size} {dirty} </dev/null >/dev/null 2>&1 &"]})
+            for _ in range(100):
+                if await rss_of(tl, "node1") >= size << 20:
+                    break
+                await asyncio.sleep(0.2)
         resident = await rss_of(tl, "node1")
         c = await tl.client(IP, interval=0.01)
         await c.wait_more(50)
         where = "node1"
-        for mode in a.modes.split(","):
-            for _ in range(a.rounds):
+        for mode in modes:
+            for _ in range(rounds):
                 dst = "node2" if where == "node1" else "node1"
                 args: dict[str, Any] = {"name": NAME, "target": dst,
                                         "mode": "stop-copy" if mode == "seed" else mode}
@@ -100,34 +207,21 @@ async def main() -> None:
                 rep = await tl.call(where, "teleport", args, timeout=600)
                 await c.wait_more(50, timeout=120)
                 stall = c.max_stall(t0 - 0.05)
-                rows.append({"mode": mode, "from": where, "to": dst,
+                rows.append({"size": size, "mode": mode, "from": where, "to": dst,
                              "stall_ms": round(stall * 1000),
                              "frozen_ms": round(rep["frozen_seconds"] * 1000),
                              "total_s": round(rep["total_seconds"], 2),
                              "wire_mb": round(rep["wire_bytes"] / 1e6, 1),
+                             "timeline": rep.get("timeline", []),
                              "phases": rep.get("phases", {})})
+                print(f"{size} MiB {mode} {where}->{dst}: stall {rows[-1]['stall_ms']} ms, "
+                      f"frozen {rows[-1]['frozen_ms']} ms", file=sys.stderr, flush=True)
                 where = dst
         c.check_sequence()
+        return resident
     finally:
         await tl.down()
         shutil.rmtree(tmp, ignore_errors=True)
-    if a.json:
-        print(json.dumps({"resident_bytes": resident, "rows": rows}, indent=2))
-        return
-    print(f"\nteleport bench: cnvm with {resident / 2**20:.0f} MiB resident, dirtying "
-          f"{a.dirty} MiB/s; client request every 10 ms on one TCP connection\n")
-    print(f"{'mode':<10} {'hop':<14} {'stall ms':>9} {'frozen ms':>10} {'total s':>8} "
-          f"{'wire MB':>8}")
-    for r in rows:
-        print(f"{r['mode']:<10} {r['from'] + '->' + r['to']:<14} {r['stall_ms']:>9} "
-              f"{r['frozen_ms']:>10} {r['total_s']:>8} {r['wire_mb']:>8}")
-    print()
-    for mode in a.modes.split(","):
-        mine = [r for r in rows if r["mode"] == mode]
-        if mine:
-            print(f"{mode:<10} median stall {statistics.median(r['stall_ms'] for r in mine):.0f}"
-                  f" ms, median frozen {statistics.median(r['frozen_ms'] for r in mine):.0f} ms")
-    print("\ngoal: stall <= 300 ms in the best mode; stop-and-copy grows with memory")
 
 
 if __name__ == "__main__":
