@@ -185,10 +185,13 @@ class Runc:
 
     async def _spawn(self, action: str, cid: str, args: Sequence[str], *, log: Path,
                      stdio: int | None = None, pass_fds: Sequence[int] = (),
-                     timeout: float | None, criu_log: Path | None = None) -> None:
+                     timeout: float | None, criu_log: Path | None = None,
+                     oom_score_adj: int | None = None) -> None:
         """Run runc with given stdio (the container inherits it); errors from --log + CRIU log."""
         _fresh_log(log)
         argv = proc.netns_argv(self.netns, [*self._base(log), *args])
+        if oom_score_adj is not None and shutil.which("choom"):
+            argv = ["choom", "-n", str(int(oom_score_adj)), "--", *argv]
         out = stdio if stdio is not None else asyncio.subprocess.DEVNULL
         try:
             p = await asyncio.create_subprocess_exec(
@@ -348,8 +351,13 @@ class Runc:
         self, cid: str, bundle: Path, image_dir: Path, *, work_dir: Path,
         stdio: int | None = None, tcp_established: bool = True, lazy_pages: bool = False,
         extra_args: Sequence[str] = (), timeout: float | None = 120,
+        oom_score_adj: int | None = None,
     ) -> ContainerState:
         """`runc restore -d`: stdio (a NEW LogPipe's write end) replaces the dumped pipes.
+
+        `oom_score_adj`: the value runc (and so CRIU and the restored tasks) starts
+        with. CRIU restores a task's oom_score_adj only when the dumped one is not 0, so
+        a cnvm at 0 would otherwise keep cnvmd's own (-500 under the shipped unit).
 
         A failed restore (esp. lazy) can hang or leave CRIU mounts and runc state:
         on failure these are cleaned so the id can be reused.
@@ -364,7 +372,8 @@ class Runc:
         args += [*extra_args, cid]
         try:
             await self._spawn("restore", cid, args, log=work_dir / "runc-restore.log",
-                              stdio=stdio, timeout=timeout, criu_log=work_dir / "restore.log")
+                              stdio=stdio, timeout=timeout, criu_log=work_dir / "restore.log",
+                              oom_score_adj=oom_score_adj)
         except RuncError:
             _umount_under(work_dir)
             st = await self.state(cid)

@@ -512,7 +512,8 @@ class TargetSide:
         try:
             st = await self.runc.restore(s.name, paths.dir, s.images, work_dir=work,
                                          stdio=pipe.write_fd, tcp_established=True,
-                                         lazy_pages=msg.lazy, timeout=RESTORE_TIMEOUT)
+                                         lazy_pages=msg.lazy, timeout=RESTORE_TIMEOUT,
+                                         oom_score_adj=self.daemon.config.cnvm_oom_score_adj)
         except RuncError as exc:
             if cap is not None:
                 cap.close()

@@ -208,10 +208,6 @@ async def test_sandbox_travels_with_teleport(sandbox_lab: TeleLab) -> None:
     assert '"seccomp"' not in (cfg_dir / OPEN / "config.json").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CRIU restores oom_score_adj only when the dumped value is not 0, so a restored "
-    "process at 0 keeps what `runc restore` inherited from cnvmd (-500 under the unit): "
-    "runtime.Runc.restore must start runc at cnvm_oom_score_adj (e.g. `choom -n N --`)"))
 async def test_restored_cnvm_keeps_oom_score_adj(sandbox_lab: TeleLab) -> None:
     """After the teleport above: the restored first process is back at 0, not at the
     target daemon's value."""
