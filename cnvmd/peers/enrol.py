@@ -34,7 +34,7 @@ from proto.messages import ErrorCode, ProtoError
 
 from . import trust
 from .membership import ACTIVE, REMOVED, Member
-from .transport import ENROLL_USER, SUB_ENROLL, ServerConn, Transport
+from .transport import ENROLL_USER, SUB_ENROLL, ServerConn, Throttle, Transport
 
 if TYPE_CHECKING:
     from .service import PeerService
@@ -74,6 +74,7 @@ class Enrolment:
         self.svc = svc
         self.transport = transport
         transport.enroll = self.serve
+        self._throttle = Throttle()
         router.op("peer.token.consume")(self._consume_op)
         router.op("peer.removed")(self._removed_op)
 
@@ -159,7 +160,9 @@ class Enrolment:
                 or tomb.removal.get("by") != ctx.node
                 or not trust.verify(signer, trust.REMOVE, tomb.identity(svc.cluster.cluster_id),
                                     tomb.removal.get("sig"))):
-            log.warning("peer.removed from %s refused: no valid removal of this node", ctx.node)
+            if self._throttle(ctx.node):
+                log.warning("peer.removed from %s refused: no valid removal of this node",
+                            ctx.node)
             raise ProtoError(ErrorCode.PERMISSION_DENIED,
                              "not a removal of this node signed by the caller")
         asyncio.get_running_loop().call_soon(self.leave, f"removed by {ctx.node}")

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import random
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ from proto.messages import ErrorCode, ProtoError
 
 from . import trust
 from .membership import ACTIVE, DOWN, REMOVED, Member, MemberEvent, Membership
-from .transport import Transport
+from .transport import Throttle, Transport
 
 if TYPE_CHECKING:
     from .service import PeerService
@@ -83,7 +82,14 @@ class Proofs:
         if cur is not None and cur.admin == ACTIVE and cur.epoch == m.epoch:
             if m.pubkey != cur.pubkey:
                 return "key change within an enrolment epoch"
-            return None if self.owner_signed(m) else "update not signed by its owner"
+            if not self.owner_signed(m):
+                return "update not signed by its owner"
+            # The owner's signature does not cover the certificates: keep ours, so a
+            # relay cannot swap in junk that would make others refuse this member.
+            if cur.cert or self.admission(m, signers) is not None:
+                m.cert = dict(cur.cert)
+            m.prev = dict(cur.prev)
+            return None
         # A new identity: unknown name, or a later enrolment epoch.
         why = self.admission(m, signers)
         if why is not None:
@@ -105,7 +111,7 @@ class Proofs:
         removal may have been removed since)."""
         return {m.name: m.pubkey for m in self.table.records.values()}
 
-    def rotation(self, c: trust.Cluster, self_name: str) -> str | None:
+    def rotation(self, c: trust.Cluster) -> str | None:
         by, removed = c.proof.get("by", ""), c.proof.get("removed", "")
         key = self.table.pinned_key(by)
         if not by or by == removed or key is None:
@@ -126,7 +132,7 @@ class Gossip:
         self._busy: set[str] = set()
         self._round = 0
         self._signed: list[Any] | None = None
-        self._refusals: dict[tuple[str, str, str], float] = {}
+        self._throttle = Throttle()
         self._task: asyncio.Task[None] | None = None
         router.op("peer.gossip")(self._gossip_op)
 
@@ -157,15 +163,10 @@ class Gossip:
         me.sig = trust.sign(svc.key, trust.RECORD, fields)
         self._signed = fields
 
-    def _refuse(self, source: str, name: str, why: str) -> None:
-        """Log a refused record (at most once a minute per source, name and reason)."""
-        k = (source, name, why)
-        now = time.monotonic()
-        if now - self._refusals.get(k, -1e9) >= 60:
-            if len(self._refusals) > 1024:
-                self._refusals.clear()
-            self._refusals[k] = now
-            log.warning("gossip from %s: record of %s refused: %s", source, name, why)
+    def _refuse(self, source: str, name: str, why: str, kind: str = "") -> None:
+        """Log a refused record (at most once a minute per source, name and kind)."""
+        if self._throttle((source, name, kind or why)):
+            log.warning("gossip from %s: record of %s refused: %s", source, name, why[:300])
 
     def absorb(self, payload: Mapping[str, Any], source: str) -> None:
         """Merge a peer's table (and a newer cluster epoch) into ours, taking only what
@@ -177,11 +178,12 @@ class Gossip:
         try:
             theirs = trust.Cluster.from_wire(payload.get("cluster"))
         except ValueError as exc:
-            log.warning("gossip from %s: %s", source, exc)
+            self._refuse(source, "the cluster", str(exc), "malformed cluster")
             return
         if theirs.cluster_id != cluster.cluster_id:
-            log.error("gossip from %s is for cluster %s, we are in %s: ignored", source,
-                      theirs.cluster_id, cluster.cluster_id)
+            if self._throttle((source, "cluster id")):
+                log.error("gossip from %s is for cluster %r, we are in %s: ignored", source,
+                          theirs.cluster_id[:64], cluster.cluster_id)
             return
         raw = payload.get("members")
         records: list[Member] = []
@@ -189,7 +191,7 @@ class Gossip:
             try:
                 records.append(Member.from_wire(d))
             except ValueError as exc:
-                self._refuse(source, "?", str(exc))
+                self._refuse(source, "?", str(exc), "malformed")
         table = svc.membership
         proofs = Proofs(cluster.cluster_id, table)
         mine = [m for m in records if m.name == svc.name]
@@ -263,7 +265,7 @@ class Gossip:
             return
         if theirs.epoch == ours.epoch and _digest(theirs) <= _digest(ours):
             return
-        why = proofs.rotation(theirs, svc.name)
+        why = proofs.rotation(theirs)
         if why is not None:
             self._refuse(source, f"cluster epoch {theirs.epoch}", why)
             return

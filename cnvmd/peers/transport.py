@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -175,6 +176,25 @@ class Link:
         self.conn.close()
 
 
+class Throttle:
+    """At most one log line per key and minute: refusals are logged (who, why) without
+    letting a peer that repeats itself flood the journal."""
+
+    def __init__(self, every: float = 60.0, keys: int = 1024) -> None:
+        self.every = every
+        self.keys = keys
+        self._last: dict[Any, float] = {}
+
+    def __call__(self, key: Any) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self.every:
+            return False
+        if len(self._last) >= self.keys:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 class SlotPool:
     """Bounded slots per source address and in total, oldest first out.
 
@@ -216,9 +236,6 @@ class SlotPool:
             if not mine:
                 del self.by_source[sc.source]
 
-    def holds(self, sc: ServerConn) -> bool:
-        return sc in self.by_source.get(sc.source, {})
-
 
 class ServerConn(asyncssh.SSHServer):
     """Per-connection server object: authentication decisions and refusal logging."""
@@ -250,7 +267,8 @@ class ServerConn(asyncssh.SSHServer):
         """Close this connection to make room (logged once, at warning level)."""
         if not self.refused:
             self.refused = True
-            log.warning("peer port: %s closed before authentication: %s", self.peer, why)
+            self.transport.refusal(self.source, "peer port: %s closed before authentication: %s",
+                                   self.peer, why)
         if self.conn is not None:
             self.conn.close()
 
@@ -263,9 +281,10 @@ class ServerConn(asyncssh.SSHServer):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.node is None and not self.refused:
-            log.warning("peer port: connection from %s closed before a member authenticated%s",
-                        self.peer, f": {exc}" if exc else "")
+        if not self.authed and not self.refused:
+            self.transport.refusal(
+                self.source, "peer port: connection from %s closed before authentication%s",
+                self.peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -284,8 +303,9 @@ class ServerConn(asyncssh.SSHServer):
         if username == ENROLL_USER:
             if svc.cluster is None:
                 self.refused = True
-                log.warning("enrolment attempt from %s refused: this node is in no cluster",
-                            self.peer)
+                self.transport.refusal(
+                    self.source, "enrolment attempt from %s refused: this node is in no cluster",
+                    self.peer)
                 return False
             self.enroll_key = key
             self.node = None
@@ -297,8 +317,9 @@ class ServerConn(asyncssh.SSHServer):
             self.enroll_key = None
             return True
         self.refused = True
-        log.warning("peer port: refused %s from %s: key %s is not the pinned key of an "
-                    "enrolled member", username, self.peer, key.get_fingerprint("sha256"))
+        self.transport.refusal(
+            self.source, "peer port: refused %s from %s: key %s is not the pinned key of an "
+            "enrolled member", username, self.peer, key.get_fingerprint("sha256"))
         return False
 
     def auth_completed(self) -> None:
@@ -334,8 +355,8 @@ class ServerConn(asyncssh.SSHServer):
         if self.node is None:
             self.enroll_channels += 1
             if self.enroll_channels > 1:
-                log.warning("peer port: %s as %s opened a second channel: refused", self.peer,
-                            ENROLL_USER)
+                self.transport.refusal(self.source, "peer port: %s as %s opened a second "
+                                       "channel: refused", self.peer, ENROLL_USER)
                 return False
             chan = self.conn.create_server_channel(encoding=None, window=ENROLL_WINDOW,
                                                    max_pktsize=ENROLL_PKTSIZE)
@@ -367,6 +388,7 @@ class Transport:
         self.server: asyncssh.SSHAcceptor | None = None
         self.server_conns: dict[asyncssh.SSHServerConnection, ServerConn] = {}
         """Live server-side connections; an entry goes in ``connection_lost``."""
+        self._throttle = Throttle()
         self.preauth = SlotPool("pre-auth connections", PREAUTH_PER_SOURCE, PREAUTH_TOTAL)
         self.enrolling = SlotPool("enrolments", ENROLL_PER_SOURCE, ENROLL_TOTAL)
         self.links: dict[str, Link] = {}
@@ -375,6 +397,12 @@ class Transport:
         self.enroll: EnrollChannel | None = None
 
     # -- server ------------------------------------------------------------------------
+
+    def refusal(self, source: str, msg: str, *args: Any) -> None:
+        """Log a refusal at warning level, at most once a minute per source address and
+        kind (a flood of junk connections must not become a flood of log lines)."""
+        if self._throttle((source, msg)):
+            log.warning(msg, *args)
 
     async def listen(self, host: str, port: int, key: asyncssh.SSHKey) -> int:
         """Open the peer port; returns the port actually bound."""
@@ -413,8 +441,8 @@ class Transport:
                 if sub == SUB_ENROLL and self.enroll is not None:
                     await self.enroll(sc, stdin, stdout)
                 else:
-                    log.warning("peer port: %s as %s asked for %r: refused", sc.peer,
-                                ENROLL_USER, sub)
+                    self.refusal(sc.source, "peer port: %s as %s asked for %r: refused",
+                                 sc.peer, ENROLL_USER, sub)
                 return
             if self.svc.membership.pinned_key(sc.node) is None:
                 return  # revoked while connected
@@ -529,6 +557,7 @@ class Transport:
         except (asyncssh.Error, OSError) as exc:
             err = ProtoError(ErrorCode.UNAVAILABLE, f"connection to {link.node} lost: {exc}")
         finally:
+            dec.close()
             link.fail_all(err)
             link.close()
             if self.links.get(link.node) is link:

@@ -161,7 +161,9 @@ class Cluster:
         """Validate a cluster record (from a peer or the disk); ValueError if malformed."""
         try:
             proof = d.get("proof") or {}
-            c = cls(str(d["cluster_id"]), int(d["epoch"]), str(d["secret"]),
+            if not isinstance(d["cluster_id"], str) or not isinstance(d["secret"], str):
+                raise ValueError("cluster_id and secret must be strings")
+            c = cls(d["cluster_id"], int(d["epoch"]), d["secret"],
                     float(d.get("created", 0.0)),
                     {str(k): str(v) for k, v in proof.items()})
             if len(bytes.fromhex(c.secret)) != 32 or not 0 < c.epoch < 1 << 62 \

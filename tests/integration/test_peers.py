@@ -161,7 +161,7 @@ async def test_cluster_lifecycle_through_cnvmd(daemons: dict[str, Daemon]) -> No
     await eventually(all_see_all, timeout=15)
 
 
-# -- the same acceptance in a real lab: nodes in namespaces ld-node1..3 on 198.18.0.x -----
+# -- the same acceptance in a real lab: nodes in namespaces spd-node1..3 on 198.18.0.x ----
 
 
 async def _lab_call(lab: Any, node: str, op: str, args: dict[str, Any] | None = None) -> Any:
@@ -187,7 +187,7 @@ async def _stop_lab_daemon(lab: Any, node: str) -> None:
 
 
 async def test_lab_three_nodes(lab_factory: Any) -> None:
-    lab = await lab_factory("ld", nodes=3, start_daemons=True)
+    lab = await lab_factory("spd", nodes=3, start_daemons=True)
     ip = {n: lab.underlay_ip(n) for n in lab.node_names}
     await _lab_call(lab, "node1", "cluster.init")
     tok = (await _lab_call(lab, "node1", "cluster.token"))["token"]

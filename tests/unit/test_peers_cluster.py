@@ -525,7 +525,7 @@ async def test_file_put_get(cluster: Nodes, tmp_path: Path) -> None:
     n1 = cluster.svcs["node1"]
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(5 << 20) + b"tail")
-    dest = str(cluster.root / "node2" / "incoming" / "img.bin")
+    dest = str(cluster.svcs["node2"].transfer_dir / "incoming" / "img.bin")
     sent = await n1.put_file("node2", src, dest)
     assert Path(dest).read_bytes() == src.read_bytes()  # noqa: ASYNC240
     assert sent["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
@@ -536,7 +536,7 @@ async def test_file_put_get(cluster: Nodes, tmp_path: Path) -> None:
         await n1.put_file("node2", src, "/etc/cnvm-should-not-exist")
     assert ei.value.code == ErrorCode.PERMISSION_DENIED
     with pytest.raises(ProtoError) as ei:
-        await n1.get_file("node2", str(cluster.root / "node2" / "nope"), back)
+        await n1.get_file("node2", str(cluster.svcs["node2"].transfer_dir / "nope"), back)
     assert ei.value.code == ErrorCode.NOT_FOUND
 
 

@@ -146,3 +146,14 @@ def test_merge_converges_in_any_order(records: list[dict], rnd: Any) -> None:
     for i in range(0, len(shuffled), 3):
         b.merge(shuffled[i:i + 3])
     assert {m["name"]: m for m in a.wire()} == {m["name"]: m for m in b.wire()}
+
+
+def test_records_from_the_wire_are_bounded_and_storable() -> None:
+    """What one member sends is stored, persisted (JSON) and re-sent by every member:
+    values that would break that (huge ints, bytes, NaN, non-names) are refused."""
+    m = table(Clock())
+    bad = [rec("b", version=1 << 70), rec("c", caps={"x": b"\x00"}), rec("d", joined=float("nan")),
+           rec("e", epoch=-1), rec("../f"), rec("g", cnvms="abc"), rec("h", cert=[1]),
+           rec("i", caps={"x": {"y": {"z": {"w": {"v": 1}}}}})]
+    m.merge([*bad, rec("ok", caps={"criu": "4.2", "n": [1, 2.5, None]})])
+    assert sorted(m.records) == ["a", "ok"]

@@ -7,6 +7,7 @@ import stat
 import time
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from cnvmd.peers import trust
@@ -47,7 +48,8 @@ def test_expired_stale_and_foreign_tokens() -> None:
     with pytest.raises(ProtoError, match="expired"):
         trust.check_payload(c, p, now=time.time() + 5)
     with pytest.raises(ProtoError, match="stale"):
-        trust.check_payload(c.rotated(), p)
+        trust.check_payload(c.rotated(asyncssh.generate_private_key("ssh-ed25519"), "n1", "n2"),
+                            p)
     with pytest.raises(ProtoError, match="another cluster"):
         trust.check_payload(trust.Cluster.new(), p)
 
