@@ -31,6 +31,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -317,8 +318,9 @@ class TargetSide:
             paths = self.life.paths(s.name)
             if hdr.what in (wire.DataKind.UPPER, wire.DataKind.IMAGES):
                 dst = paths.upper if hdr.what is wire.DataKind.UPPER else s.images
-                un = await (treesync.Unpacker.start(dst) if hdr.what is wire.DataKind.UPPER
-                            else PlainUnpacker.start(dst))
+                un: treesync.Unpacker | ImagesUnpacker = await (
+                    treesync.Unpacker.start(dst) if hdr.what is wire.DataKind.UPPER
+                    else ImagesUnpacker.start(dst))
                 try:
                     while data := await stream.read(links.CHUNK):
                         await un.feed(data)
@@ -692,18 +694,86 @@ def _kill_criu_helpers(sdir: Path) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-class PlainUnpacker(treesync.Unpacker):
-    """Plain `tar -x` (CRIU images): an incremental extraction would delete the pages
-    the page server already wrote into the same directory."""
+IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_IMAGE_FILE = 64 << 30
+
+
+class ImagesUnpacker:
+    """CRIU's image files from a tar stream, into the session's images dir only.
+
+    Why not `tar -x`: a peer's archive is input. Only regular files with plain names
+    at the top level are taken (no directory, link, device or path), each opened
+    beneath the images dir with O_NOFOLLOW, so nothing a stream sent (a symlink in an
+    earlier one, say) can make a later write land elsewhere. Not incremental either:
+    the page server has already written the pages into the same dir."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        self.bytes = 0
+        rfd, self._w = os.pipe()
+        self._r = os.fdopen(rfd, "rb", buffering=1 << 20)
+        self._job = asyncio.get_running_loop().run_in_executor(None, self._extract)
 
     @classmethod
-    async def start(cls, dst: Path) -> PlainUnpacker:
+    async def start(cls, dst: Path) -> ImagesUnpacker:
         await asyncio.to_thread(dst.mkdir, parents=True, exist_ok=True)
-        argv = ["tar", "-C", str(dst), "-xf", "-"]
-        p = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        return cls(p, argv)
+        return cls(dst)
+
+    def _extract(self) -> None:
+        import tarfile
+
+        dfd = os.open(self.dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            with tarfile.open(fileobj=self._r, mode="r|") as tar:
+                for m in tar:
+                    name = m.name.removeprefix("./")
+                    if m.isdir() and name in ("", "."):
+                        continue
+                    if not m.isfile() or not IMAGE_NAME_RE.fullmatch(name) \
+                            or m.size > MAX_IMAGE_FILE:
+                        raise wire.bad("images", f"may hold only plain image files, not "
+                                       f"{m.name[:80]!r}")
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                                 0o600, dir_fd=dfd)
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        finally:
+            os.close(dfd)
+            for _ in iter(lambda: self._r.read(1 << 20), b""):  # drain: never block feed
+                pass
+            self._r.close()
+
+    async def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        try:
+            await asyncio.to_thread(_write_all, self._w, data)
+        except BrokenPipeError:
+            await self._job  # the reader gave up: its error says why
+
+    async def finish(self) -> None:
+        os.close(self._w)
+        self._w = -1
+        try:
+            await self._job
+        except ProtoError:
+            raise
+        except Exception as exc:
+            raise wire.bad("images", f"is not a valid tar stream: {exc}") from None
+
+    def abort(self) -> None:
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+        self._job.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _mkdirs(*dirs: Path) -> None:
