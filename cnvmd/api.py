@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -110,7 +111,7 @@ class ApiLimits:
     """Bounds of the Unix-socket API, so that no client can exhaust the daemon.
 
     From cnvmd.toml (`api_max_connections`, `api_frame_timeout`, `api_idle_timeout`,
-    `api_read_budget`); documented in proto/README.md section 1 and the README.
+    `api_read_budget`); documented in proto/README.md section 6.
     """
 
     max_connections: int = 256
@@ -622,10 +623,6 @@ class Session:
         except FrameError as exc:
             self._fatal(ErrorCode.BAD_FRAME, str(exc))
 
-    @property
-    def greeted(self) -> bool:
-        return self._greeted
-
     def expire(self, now: float, frame_timeout: float, idle_timeout: float) -> None:
         """Close a greeted connection whose frame is overdue or that sat idle too long
         (a partly sent frame holds a buffer; an idle one holds a connection slot)."""
@@ -920,7 +917,7 @@ class ApiServer:
         finally:
             os.umask(old)
         os.chmod(path, mode)
-        gid = _group_id(group)
+        gid = api_group_id(group)
         if gid is not None:
             os.chown(path, -1, gid)
         self._inode = os.stat(path).st_ino
@@ -956,6 +953,8 @@ class ApiServer:
         """Stop accepting, cancel in-flight requests (they reply UNAVAILABLE), close."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
             self._sweeper = None
         if self._server is not None:
             self._server.close()
@@ -986,7 +985,8 @@ class ApiServer:
             pass
 
 
-def _group_id(group: str | None) -> int | None:
+def api_group_id(group: str | None) -> int | None:
+    """The gid of the API socket's group, None when there is no such group."""
     if not group:
         return None
     try:

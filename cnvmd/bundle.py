@@ -58,11 +58,12 @@ from typing import Any
 
 from cnvmd import proc, seccomp
 from cnvmd.state import atomic_write
-from proto.messages import ErrorCode, ProtoError
+from proto.messages import ErrorCode, ProtoError, show
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.I)
+# Validators use fullmatch: `$` would let a trailing newline through to runc.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEM = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(i?b?)\s*", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 MIN_MEMORY = 6 << 20  # below this the kernel OOM-kills runc's own init
 CPU_PERIOD = 100_000
@@ -90,9 +91,9 @@ def _bad(msg: str) -> BundleError:
 
 def check_name(name: Any) -> str:
     """cnvm names are DNS labels: they become hostnames, runc ids and cgroup names."""
-    if not isinstance(name, str) or not _DNS_LABEL.match(name):
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
         raise _bad(
-            f"bad cnvm name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            f"bad cnvm name {show(name)}: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
     return name
@@ -100,9 +101,9 @@ def check_name(name: Any) -> str:
 
 def check_hostname(hostname: Any) -> str:
     if not isinstance(hostname, str) or len(hostname) > 253 or not all(
-        _DNS_LABEL.match(part) for part in hostname.split(".")
+        _DNS_LABEL.fullmatch(part) for part in hostname.split(".")
     ):
-        raise _bad(f"bad hostname {hostname!r}: dot-separated DNS labels "
+        raise _bad(f"bad hostname {show(hostname)}: dot-separated DNS labels "
                    "(lowercase letters, digits, '-')")
     return hostname
 
@@ -110,19 +111,19 @@ def check_hostname(hostname: Any) -> str:
 def parse_memory(value: Any) -> int:
     """`256M`, `1G`, `1.5g`, `512MiB`, `1048576` → bytes (K/M/G/T are powers of 1024)."""
     if isinstance(value, bool):
-        raise _bad(f"bad memory size {value!r}")
+        raise _bad(f"bad memory size {show(value)}")
     if isinstance(value, int):
         n = value
     else:
-        m = _MEM.match(str(value))
+        m = _MEM.fullmatch(str(value))
         if not m or (m.group(3).lower() == "i" and not m.group(2)):
-            raise _bad(f"bad memory size {value!r}: use a number with an optional K, M, G "
+            raise _bad(f"bad memory size {show(value)}: use a number with an optional K, M, G "
                        "or T suffix, e.g. 256M or 1G")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n < MIN_MEMORY:
-        raise _bad(f"memory size {value!r} is too small: at least {MIN_MEMORY >> 20}M")
+        raise _bad(f"memory size {show(value)} is too small: at least {MIN_MEMORY >> 20}M")
     if n > 1 << 50:
-        raise _bad(f"memory size {value!r} is too large")
+        raise _bad(f"memory size {show(value)} is too large")
     return n
 
 
@@ -132,9 +133,9 @@ def parse_cpus(value: Any) -> float:
         s = str(value).strip()
         n = float(s[:-1]) / 1000 if s.endswith("m") else float(s)
     except ValueError:
-        raise _bad(f"bad CPU count {value!r}: use a number like 0.5 or 2, or 500m") from None
+        raise _bad(f"bad CPU count {show(value)}: use a number like 0.5 or 2, or 500m") from None
     if not 0.01 <= n <= 1024 or n != n:
-        raise _bad(f"CPU count {value!r} is out of range (0.01 to 1024)")
+        raise _bad(f"CPU count {show(value)} is out of range (0.01 to 1024)")
     return n
 
 
@@ -149,11 +150,13 @@ def parse_env(env: Mapping[str, Any] | Iterable[str] | None) -> dict[str, str]:
         for kv in env:
             k, sep, v = str(kv).partition("=")
             if not sep:
-                raise _bad(f"bad environment entry {kv!r}: use KEY=VALUE")
+                raise _bad(f"bad environment entry {show(kv)}: use KEY=VALUE")
             items.append((k, v))
-    for k, _ in items:
-        if not _ENV_KEY.match(k):
-            raise _bad(f"bad environment variable name {k!r}")
+    for k, v in items:
+        if not _ENV_KEY.fullmatch(k):
+            raise _bad(f"bad environment variable name {show(k)}")
+        if "\0" in v:
+            raise _bad(f"environment variable {k} holds a NUL character")
     return dict(items)
 
 

@@ -17,18 +17,20 @@ import os
 import platform
 import signal
 import socket
+import stat
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cnvmd
 from cnvmd import criu, inventory, proc
-from cnvmd.api import ApiServer, Router, SocketInUse
+from cnvmd.api import ApiServer, Router, SocketInUse, api_group_id
 from cnvmd.config import Config
 from cnvmd.services import Plugin, Services, start_order
-from cnvmd.state import StateStore
+from cnvmd.state import OWNED_MARK, StateStore, secure_children, secure_dir
 from proto.messages import PROTOCOL_VERSION
 
 log = logging.getLogger("cnvmd")
@@ -235,13 +237,36 @@ class Daemon:
         }
 
     def prepare_dirs(self) -> None:
-        """Create missing dirs with tight modes; never re-mode an existing one (/tmp!)."""
+        """Make the daemon's directories root's alone, so no local user reaches the image
+        store (its layers keep setuid binaries), the records or runc's state.
+
+        state_dir and runc_root are 0700; the socket's directory is 0750 with group
+        `socket_group` (its members may use the API; 0700 without such a group); the
+        run dir, when it is not the socket's, 0700. Existing directories are tightened
+        only if cnvmd made them (`cnvmd.state.secure_dir`; also those an older cnvmd left:
+        a 0711 state dir, a 0755 run dir holding only runc/ and the socket), never
+        another one given in the config (/tmp!). The state dir's subdirectories are
+        tightened too.
+        """
         cfg = self.config
-        for d, mode in ((cfg.state_dir, 0o711), (cfg.run_dir, 0o755), (cfg.runc_root, 0o700),
-                        (cfg.socket_path.parent, 0o755)):
-            if not d.is_dir():
-                d.mkdir(parents=True, exist_ok=True)
-                os.chmod(d, mode)
+        gid = api_group_id(cfg.socket_group)
+        sock_dir = cfg.socket_path.parent
+        sock_mode = 0o750 if gid is not None else 0o700
+        legacy_run = {"runc", cfg.socket_path.name, OWNED_MARK}
+
+        def old_state(p: Path, st: os.stat_result) -> bool:
+            return stat.S_IMODE(st.st_mode) == 0o711
+
+        def old_run(p: Path, st: os.stat_result) -> bool:
+            return (stat.S_IMODE(st.st_mode) == 0o755
+                    and {e.name for e in p.iterdir()} <= legacy_run)
+
+        if secure_dir(cfg.state_dir, 0o700, adopt=old_state) != "left":
+            secure_children(cfg.state_dir)
+        if cfg.run_dir != sock_dir:
+            secure_dir(cfg.run_dir, 0o700, adopt=old_run)
+        secure_dir(sock_dir, sock_mode, gid, adopt=old_run)
+        secure_dir(cfg.runc_root, 0o700, mark=False)
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, shut down cleanly."""
@@ -257,7 +282,8 @@ class Daemon:
         self.prepare_dirs()
         self.server = ApiServer(self.router, self)
         try:
-            await self.server.bind(cfg.socket_path)  # first: a second daemon stops here
+            # first: a second daemon stops here
+            await self.server.bind(cfg.socket_path, group=cfg.socket_group)
         except SocketInUse as exc:
             log.error("cannot start: %s", exc)
             self.server = None

@@ -31,6 +31,14 @@ Every blob is verified by sha256 as it is copied into the store; every layer's
 uncompressed stream is verified against the config's ``rootfs.diff_ids``. A failed
 import removes whatever it added, so bad input changes nothing. All blocking work
 (hashing, copying, extraction) runs in worker threads or subprocesses.
+
+Hostile input: files of a layout directory are opened beneath it without following
+symlinks (a blob that is a symlink could name any file root can read); JSON is
+bounded in size and nesting; a layer stream is cut off once it exceeds
+``max_layer_size`` or ``max(max_layer_ratio x its blob size, RATIO_FLOOR)`` (a gzip
+bomb stops at its limit, not at the disk's end). Layers keep their setuid bits and
+devices as the image has them — the cnvms need them — so the store is root's alone:
+every directory of it is 0700 (re-moded at load), records and blobs 0600.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import asyncio
 import builtins
 import bz2
 import contextlib
+import errno
 import gzip
 import hashlib
 import inspect
@@ -60,13 +69,32 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
 from cnvmd.state import atomic_write
-from proto.messages import ErrorCode, ProtoError
+from proto.framing import too_deep
+from proto.messages import ErrorCode, ProtoError, show
 
 CHUNK = 1 << 20
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Patterns are used with fullmatch only: `$` would let a trailing newline through.
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Image names: docker-style references (lowercase repo path, optional :tag / @digest).
-_IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
+_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
+
+MAX_LAYER_SIZE = 8 << 30
+"""Default largest uncompressed layer (config `image_max_layer_size`)."""
+MAX_LAYER_RATIO = 100
+"""Default largest uncompressed:compressed ratio (config `image_max_layer_ratio`)."""
+RATIO_FLOOR = 64 << 20
+"""Any layer may expand to this much, whatever its ratio (tar headers and padding make
+small layers compress 100:1 and more)."""
+MAX_JSON = 8 << 20
+"""Largest index/manifest/config JSON read."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of a metadata JSON document (OCI's need a handful of levels)."""
+MAX_INDEX_NESTING = 4
+"""Index → index → ... levels followed before an image manifest must appear."""
+MAX_TAR_MEMBERS = 100_000
+"""Members of an image archive read into the index (layouts have a few hundred)."""
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -188,19 +216,19 @@ class Image:
 
 
 def check_image_name(name: str) -> str:
-    if not isinstance(name, str) or not _IMAGE_NAME.match(name):
+    if not isinstance(name, str) or not _IMAGE_NAME.fullmatch(name):
         raise _bad(
-            f"bad image name {name!r}: lowercase letters, digits, '.', '_', '-', '/', "
+            f"bad image name {show(name)}: lowercase letters, digits, '.', '_', '-', '/', "
             "optionally ':tag' (at most 128 characters each)"
         )
     return name
 
 
 def check_digest(digest: Any) -> str:
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         if isinstance(digest, str) and ":" in digest and not digest.startswith("sha256:"):
-            raise _bad(f"unsupported digest algorithm in {digest!r} (only sha256)")
-        raise _bad(f"malformed digest {digest!r}")
+            raise _bad(f"unsupported digest algorithm in {show(digest)} (only sha256)")
+        raise _bad(f"malformed digest {show(digest)}")
     return digest
 
 
@@ -223,10 +251,25 @@ def sniff_compression(head: bytes) -> str:
 
 
 def _json(data: bytes, what: str) -> Any:
+    """Parse metadata JSON; too deep (or deep enough to exhaust the parser's stack) is
+    INVALID_ARGUMENT like any other bad document."""
     try:
-        return json.loads(data)
+        obj = json.loads(data)
     except ValueError as exc:
         raise _bad(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        obj = None
+        deep = True
+    else:
+        deep = too_deep(obj, MAX_JSON_DEPTH)
+    if deep:
+        raise _bad(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    return obj
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    """`v` if it is a JSON object, else {} (optional objects of a hostile document)."""
+    return v if isinstance(v, dict) else {}
 
 
 def _canonical(obj: Any) -> bytes:
@@ -237,7 +280,7 @@ def _safe_rel(name: str) -> str:
     """A relative member path inside a layout/archive, refusing escapes."""
     p = PurePosixPath(name.lstrip("/")) if not name.startswith("/") else None
     if p is None or ".." in p.parts or not p.parts:
-        raise _bad(f"unsafe path {name!r} in image archive")
+        raise _bad(f"unsafe path {show(name)} in image archive")
     return str(p)
 
 
@@ -253,7 +296,7 @@ class _Source:
     def open(self, rel: str) -> IO[bytes]:
         raise NotImplementedError
 
-    def read(self, rel: str, limit: int = 64 << 20) -> bytes:
+    def read(self, rel: str, limit: int = MAX_JSON) -> bytes:
         with self.open(rel) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -264,19 +307,61 @@ class _Source:
         pass
 
 
+def open_beneath(root: Path, rel: str) -> int:
+    """Open regular file `rel` under directory `root` read-only, following no symlink
+    below `root` (O_NOFOLLOW component by component, as RESOLVE_NO_SYMLINKS would);
+    a symlink, a device or a FIFO is INVALID_ARGUMENT. Returns the fd."""
+    parts = PurePosixPath(_safe_rel(rel)).parts
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ffd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except FileNotFoundError:
+        raise _bad(f"{rel} is missing from the image layout {root}") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise _bad(f"{rel} in {root} is (or lies under) a symbolic link or not a "
+                       "directory: refused") from None
+        raise _bad(f"cannot open {rel} in {root}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(ffd).st_mode):
+        os.close(ffd)
+        raise _bad(f"{rel} in {root} is not a regular file")
+    return ffd
+
+
 class _DirSource(_Source):
+    """A layout directory: every file is opened beneath it, no symlink followed."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def exists(self, rel: str) -> bool:
-        return (self.root / _safe_rel(rel)).is_file()
+        p = self.root / _safe_rel(rel)
+        return os.path.lexists(p) and not p.is_dir()  # `open` refuses what is not a file
 
     def open(self, rel: str) -> IO[bytes]:
-        p = self.root / _safe_rel(rel)
-        try:
-            return open(p, "rb")
-        except FileNotFoundError:
-            raise _bad(f"{rel} is missing from the image layout {self.root}") from None
+        return os.fdopen(open_beneath(self.root, rel), "rb")
+
+
+class _FileSource(_Source):
+    """The one file the caller named (a rootfs tarball): opened as given."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def exists(self, rel: str) -> bool:
+        return self.path.is_file()
+
+    def open(self, rel: str) -> IO[bytes]:
+        if not self.path.is_file():
+            raise _bad(f"{self.path} is not a regular file")
+        return open(self.path, "rb")
 
 
 class _TarSource(_Source):
@@ -284,9 +369,12 @@ class _TarSource(_Source):
         self.path = path
         try:
             self.tf = tarfile.open(path, "r:*")
-            self.members = {
-                m.name.removeprefix("./").lstrip("/"): m for m in self.tf.getmembers()
-            }
+            self.members: dict[str, tarfile.TarInfo] = {}
+            for m in self.tf:
+                if len(self.members) >= MAX_TAR_MEMBERS:
+                    self.tf.close()
+                    raise _bad(f"{path}: more than {MAX_TAR_MEMBERS} members; not an image")
+                self.members[m.name.removeprefix("./").lstrip("/")] = m
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise _bad(f"{path}: not a readable tar archive ({exc})") from None
 
@@ -296,7 +384,10 @@ class _TarSource(_Source):
 
     def open(self, rel: str) -> IO[bytes]:
         m = self.members.get(_safe_rel(rel))
-        f = self.tf.extractfile(m) if m is not None else None
+        try:  # a link member resolves inside the archive only (KeyError if absent)
+            f = self.tf.extractfile(m) if m is not None else None
+        except (KeyError, tarfile.TarError):
+            f = None
         if f is None:
             raise _bad(f"{rel} is missing from the image archive {self.path}")
         return f
@@ -308,8 +399,10 @@ class _TarSource(_Source):
 # ------------------------------------------------------------------ blocking work
 
 
-def _copy_verified(src: IO[bytes], dest_dir: Path, expect: str | None) -> tuple[str, int, Path]:
-    """Copy a stream into a temp file in dest_dir while hashing; check the digest."""
+def _copy_verified(src: IO[bytes], dest_dir: Path, expect: str | None,
+                   max_bytes: int = MAX_LAYER_SIZE) -> tuple[str, int, Path]:
+    """Copy a stream into a temp file in dest_dir while hashing; check the digest.
+    A blob larger than `max_bytes` is refused as it streams."""
     h = hashlib.sha256()
     n = 0
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix="blob-")
@@ -319,6 +412,9 @@ def _copy_verified(src: IO[bytes], dest_dir: Path, expect: str | None) -> tuple[
                 h.update(chunk)
                 out.write(chunk)
                 n += len(chunk)
+                if n > max_bytes:
+                    raise _bad(f"blob is larger than {max_bytes} bytes "
+                               "(image_max_layer_size)", limit=max_bytes)
         digest = "sha256:" + h.hexdigest()
         if expect is not None and digest != expect:
             raise _bad(
@@ -391,9 +487,13 @@ TAR_ARGS = [
 ]
 
 
-def _untar_stream(stream: _ByteReader, dest: Path) -> str:
-    """Feed an uncompressed tar stream to GNU tar; return the stream's sha256 digest."""
+def _untar_stream(stream: _ByteReader, dest: Path, max_bytes: int | None = None) -> str:
+    """Feed an uncompressed tar stream to GNU tar; return the stream's sha256 digest.
+
+    More than `max_bytes` of stream stops tar at once (the decompressor is read a
+    chunk at a time, so a bomb never expands past its limit)."""
     h = hashlib.sha256()
+    seen = 0
     with tempfile.TemporaryFile() as errf:
         p = subprocess.Popen(
             ["tar", "-x", "-f", "-", "-C", str(dest), *TAR_ARGS],
@@ -403,6 +503,10 @@ def _untar_stream(stream: _ByteReader, dest: Path) -> str:
         feeding = True
         try:
             while chunk := stream.read(CHUNK):
+                seen += len(chunk)
+                if max_bytes is not None and seen > max_bytes:
+                    raise _bad(f"layer expands to more than {max_bytes} bytes (limits: "
+                               "image_max_layer_size, image_max_layer_ratio)", limit=max_bytes)
                 h.update(chunk)
                 if feeding:
                     try:
@@ -463,11 +567,18 @@ def is_whiteout(path: Path) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _unpack_layer(blob: Path, dest_tmp: Path, diff_id: str | None) -> tuple[str, int]:
+def layer_limit(blob_size: int, max_size: int = MAX_LAYER_SIZE,
+                ratio: int = MAX_LAYER_RATIO) -> int:
+    """How far a layer of `blob_size` compressed bytes may expand."""
+    return min(max_size, max(ratio * blob_size, RATIO_FLOOR))
+
+
+def _unpack_layer(blob: Path, dest_tmp: Path, diff_id: str | None,
+                  max_bytes: int | None = None) -> tuple[str, int]:
     """Unpack one layer blob into dest_tmp (overlayfs format); verify its diff-id."""
-    dest_tmp.mkdir(parents=True)
+    dest_tmp.mkdir(mode=STORE_DIR_MODE, parents=True)
     with _decompressed(blob) as stream:
-        got = _untar_stream(stream, dest_tmp)
+        got = _untar_stream(stream, dest_tmp, max_bytes)
     if diff_id is not None and got != diff_id:
         raise _bad(
             f"layer {blob.name[:12]}: uncompressed content hashes to {got} but the image "
@@ -502,8 +613,12 @@ InUse = Callable[[], Mapping[str, list[str]] | Awaitable[Mapping[str, list[str]]
 class ImageStore:
     """The node's image store; one instance per daemon (not shared between processes)."""
 
-    def __init__(self, root: Path, in_use: InUse | None = None) -> None:
+    def __init__(self, root: Path, in_use: InUse | None = None, *,
+                 max_layer_size: int = MAX_LAYER_SIZE,
+                 max_layer_ratio: int = MAX_LAYER_RATIO) -> None:
         self.root = Path(root)
+        self.max_layer_size = max_layer_size
+        self.max_layer_ratio = max_layer_ratio
         self.blobs = self.root / "blobs" / "sha256"
         self.layers_dir = self.root / "layers"
         self.records = self.root / "images"
@@ -511,19 +626,30 @@ class ImageStore:
         self.in_use: InUse = in_use or (lambda: {})
         self._images: dict[str, Image] = {}
         self._lock = asyncio.Lock()  # commits and removals (the long work runs unlocked)
-        self._pinned: dict[str, int] = {}  # blobs/layers an import in flight relies on
+        # blobs (by digest) and layers (by diff-id) an import in flight relies on: two
+        # namespaces, since an uncompressed layer's blob digest equals its diff-id
+        self._pinned: dict[str, dict[str, int]] = {"blob": {}, "layer": {}}
         self._loaded = False
 
     @classmethod
     def from_config(cls, config: Any, in_use: InUse | None = None) -> ImageStore:
-        return cls(Path(config.images_dir), in_use)
+        return cls(Path(config.images_dir), in_use,
+                   max_layer_size=int(getattr(config, "image_max_layer_size", MAX_LAYER_SIZE)),
+                   max_layer_ratio=int(getattr(config, "image_max_layer_ratio",
+                                               MAX_LAYER_RATIO)))
 
     # ---- loading
 
     def load(self) -> None:
-        """Read records and drop staging left by a crash (fast; call at daemon start)."""
-        for d in (self.blobs, self.layers_dir, self.records, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        """Read records and drop staging left by a crash (fast; call at daemon start).
+
+        The store's directories are made (or re-moded, for stores of older versions)
+        0700: layers hold the images' setuid binaries and devices as they are."""
+        for d in (self.root, self.blobs.parent, self.blobs, self.layers_dir, self.records,
+                  self.tmp):
+            d.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+            if stat.S_IMODE(os.lstat(d).st_mode) != STORE_DIR_MODE:
+                os.chmod(d, STORE_DIR_MODE, follow_symlinks=False)
         for p in self.tmp.iterdir():
             _rmtree(p)
         self._images = {}
@@ -570,13 +696,13 @@ class ImageStore:
             if ref in img.names or (":" not in ref and f"{ref}:latest" in img.names):
                 return img
         key = ref.removeprefix("sha256:")
-        if re.fullmatch(r"[0-9a-f]{4,64}", key):
+        if re.fullmatch(r"[0-9a-f]{4,64}", key):  # fullmatch: no trailing newline
             hits = [i for i in self._images.values() if i.id.startswith(key)]
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise _bad(f"image id prefix {ref!r} is ambiguous")
-        raise ImageError(ErrorCode.NOT_FOUND, f"unknown image {ref!r}", {"image": ref})
+                raise _bad(f"image id prefix {show(ref)} is ambiguous")
+        raise ImageError(ErrorCode.NOT_FOUND, f"unknown image {show(ref)}", {"image": ref})
 
     def inspect(self, ref: str) -> dict[str, Any]:
         return self.resolve(ref).describe()
@@ -627,7 +753,7 @@ class ImageStore:
 
         def work() -> None:
             with open(src, "rb") as f:
-                _, _, tmp = _copy_verified(f, self.tmp, digest)
+                _, _, tmp = _copy_verified(f, self.tmp, digest, self.max_layer_size)
             os.replace(tmp, self.blob_path(digest))
 
         await asyncio.to_thread(work)
@@ -667,7 +793,7 @@ class ImageStore:
 
     def _save(self, img: Image) -> None:
         body = json.dumps(img.to_record(), indent=1, sort_keys=True).encode() + b"\n"
-        atomic_write(self.records / f"{img.id}.json", body, mode=0o644)
+        atomic_write(self.records / f"{img.id}.json", body, mode=STORE_FILE_MODE)
 
     # ---- removal
 
@@ -680,7 +806,7 @@ class ImageStore:
             if users:
                 raise ImageError(
                     ErrorCode.CONFLICT,
-                    f"image {ref!r} is in use by cnvm(s) {', '.join(sorted(users))}",
+                    f"image {show(ref)} is in use by cnvm(s) {', '.join(sorted(users))}",
                     {"image": img.id, "cnvms": sorted(users)},
                 )
             (self.records / f"{img.id}.json").unlink(missing_ok=True)
@@ -701,8 +827,8 @@ class ImageStore:
         return users
 
     def _unreferenced(self, img: Image) -> builtins.list[Path]:
-        keep_blobs: set[str] = set(self._pinned)
-        keep_layers: set[str] = set(self._pinned)
+        keep_blobs: set[str] = set(self._pinned["blob"])
+        keep_layers: set[str] = set(self._pinned["layer"])
         for other in self._images.values():
             keep_blobs.update([other.manifest_digest, other.config_digest])
             keep_blobs.update(x.digest for x in other.layers)
@@ -713,15 +839,17 @@ class ImageStore:
         out += [self.layer_dir(x.diff_id) for x in img.layers if x.diff_id not in keep_layers]
         return out
 
-    def _pin(self, digest: str) -> None:
-        self._pinned[digest] = self._pinned.get(digest, 0) + 1
+    def _pin(self, kind: str, digest: str) -> None:
+        pins = self._pinned[kind]
+        pins[digest] = pins.get(digest, 0) + 1
 
-    def _unpin(self, digest: str) -> None:
-        n = self._pinned.get(digest, 0) - 1
+    def _unpin(self, kind: str, digest: str) -> None:
+        pins = self._pinned[kind]
+        n = pins.get(digest, 0) - 1
         if n <= 0:
-            self._pinned.pop(digest, None)
+            pins.pop(digest, None)
         else:
-            self._pinned[digest] = n
+            pins[digest] = n
 
     def _known_layer_size(self, diff_id: str, path: Path) -> int:
         for img in self._images.values():
@@ -730,11 +858,15 @@ class ImageStore:
                     return x.unpacked_size
         return _tree_size(path)
 
-    def _referenced(self, digest: str) -> bool:
+    def _referenced(self, kind: str, digest: str) -> bool:
+        """Does an image use this blob (kind "blob": by digest) or layer ("layer": by
+        diff-id)? Never mixed: an uncompressed blob shares its layer's digest."""
         for img in self._images.values():
-            if digest in (img.manifest_digest, img.config_digest):
-                return True
-            if any(digest in (x.digest, x.diff_id) for x in img.layers):
+            if kind == "layer":
+                if any(digest == x.diff_id for x in img.layers):
+                    return True
+            elif digest in (img.manifest_digest, img.config_digest) or any(
+                    digest == x.digest for x in img.layers):
                 return True
         return False
 
@@ -762,30 +894,30 @@ class _Import:
         self.kind = kind
         self.store_manifest: str | None = None
         self.default_name: str | None = None
-        self.added: list[Path] = []  # new blobs/layers, removed on failure
-        self.pins: list[str] = []
+        self.added: list[tuple[str, Path]] = []  # ("blob"|"layer", path), undone on failure
+        self.pins: list[tuple[str, str]] = []
 
-    def pin(self, digest: str) -> None:
-        self.store._pin(digest)
-        self.pins.append(digest)
+    def pin(self, kind: str, digest: str) -> None:
+        self.store._pin(kind, digest)
+        self.pins.append((kind, digest))
 
     def unpin(self) -> None:
-        for d in self.pins:
-            self.store._unpin(d)
+        for kind, d in self.pins:
+            self.store._unpin(kind, d)
         self.pins.clear()
 
     async def rollback(self) -> None:
         """Remove what this import added and no image references (all of it on failure)."""
         added, self.added = self.added, []
         store = self.store
-        mine = {d: self.pins.count(d) for d in self.pins}
+        mine = {k: self.pins.count(k) for k in self.pins}
 
-        def doomed_ok(p: Path) -> bool:
+        def doomed_ok(kind: str, p: Path) -> bool:
             d = "sha256:" + p.name
-            others = store._pinned.get(d, 0) - mine.get(d, 0)
-            return others <= 0 and not store._referenced(d)
+            others = store._pinned[kind].get(d, 0) - mine.get((kind, d), 0)
+            return others <= 0 and not store._referenced(kind, d)
 
-        doomed = [p for p in added if doomed_ok(p)]
+        doomed = [p for kind, p in added if doomed_ok(kind, p)]
         await asyncio.to_thread(_rmtrees, doomed)
 
     # ---- blob helpers (run in threads)
@@ -793,46 +925,50 @@ class _Import:
     def _ingest(self, src: _Source, rel: str, expect: str | None) -> tuple[str, int]:
         """Copy a blob from the source into the store (verified); return (digest, size)."""
         if expect is not None:
-            self.pin(expect)
+            self.pin("blob", expect)
             dest = self.store.blob_path(expect)
             if dest.is_file():
                 return expect, dest.stat().st_size
         with src.open(rel) as f:
-            digest, size, tmp = _copy_verified(f, self.store.tmp, expect)
+            digest, size, tmp = _copy_verified(f, self.store.tmp, expect,
+                                               self.store.max_layer_size)
         if expect is None:
-            self.pin(digest)
+            self.pin("blob", digest)
         dest = self.store.blob_path(digest)
         if dest.is_file():
             tmp.unlink()
         else:
             os.replace(tmp, dest)
-            self.added.append(dest)
+            self.added.append(("blob", dest))
         return digest, size
 
     def _ensure_layer(self, blob_digest: str, diff_id: str | None) -> tuple[str, int]:
         """Unpack a layer once (keyed by diff-id); return (diff_id, unpacked size)."""
         if diff_id is not None:
-            self.pin(diff_id)
+            self.pin("layer", diff_id)
             done = self.store.layer_dir(diff_id)
             if done.is_dir():
                 return diff_id, self.store._known_layer_size(diff_id, done)
         tmp = self.store.tmp / f"layer-{uuid.uuid4().hex}"
+        blob = self.store.blob_path(blob_digest)
+        limit = layer_limit(blob.stat().st_size, self.store.max_layer_size,
+                            self.store.max_layer_ratio)
         try:
-            got, size = _unpack_layer(self.store.blob_path(blob_digest), tmp, diff_id)
+            got, size = _unpack_layer(blob, tmp, diff_id, limit)
             if diff_id is None:
-                self.pin(got)
+                self.pin("layer", got)
             dest = self.store.layer_dir(got)
             if dest.is_dir():
                 _rmtree(tmp)
             else:
                 os.replace(tmp, dest)
-                self.added.append(dest)
+                self.added.append(("layer", dest))
             return got, size
         except BaseException:
             _rmtree(tmp)
             raise
 
-    def _read_blob(self, digest: str, limit: int = 16 << 20) -> bytes:
+    def _read_blob(self, digest: str, limit: int = MAX_JSON) -> bytes:
         p = self.store.blob_path(digest)
         if p.stat().st_size > limit:
             raise _bad(f"blob {digest} is too large for a manifest/config")
@@ -889,9 +1025,9 @@ class _Import:
         if src.exists("oci-layout"):
             layout = _json(src.read("oci-layout"), "oci-layout")
             if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
-                raise _bad(f"unsupported oci-layout version: {layout!r}")
+                raise _bad(f"unsupported oci-layout version: {show(layout)}")
         index = _json(src.read("index.json"), "index.json")
-        desc = self._pick_manifest(src, index, top=True)
+        desc = self._pick_manifest(src, index, top=True, level=0)
         mdigest, _ = self._ingest(src, _blob_rel(desc["digest"]), desc["digest"])
         manifest = _json(self._read_blob(mdigest), f"manifest {mdigest}")
         return self._from_manifest(src, mdigest, manifest)
@@ -900,12 +1036,15 @@ class _Import:
         assert self.store_manifest is not None
         if not self.store.has_blob(self.store_manifest):
             raise _bad(f"manifest {self.store_manifest} is not in the store")
-        self.pin(self.store_manifest)
+        self.pin("blob", self.store_manifest)
         manifest = _json(self._read_blob(self.store_manifest), "manifest")
         return self._from_manifest(_DirSource(self.store.root), self.store_manifest, manifest)
 
-    def _pick_manifest(self, src: _Source, index: Any, top: bool) -> dict[str, Any]:
+    def _pick_manifest(self, src: _Source, index: Any, top: bool,
+                       level: int) -> dict[str, Any]:
         """Choose one image manifest from an index (by ref, else the only one / our arch)."""
+        if level > MAX_INDEX_NESTING:
+            raise _bad(f"image indexes nest more than {MAX_INDEX_NESTING} levels deep")
         mans = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(mans, list) or not mans:
             raise _bad("index.json lists no manifests")
@@ -913,10 +1052,11 @@ class _Import:
         if top:
             names = {}
             for m in cands:
-                ann = m.get("annotations") or {}
+                ann = _dict(m.get("annotations"))
                 names[id(m)] = ann.get("org.opencontainers.image.ref.name")
                 full = ann.get("io.containerd.image.name")
-                if full and self.default_name is None and _IMAGE_NAME.match(full):
+                if (isinstance(full, str) and self.default_name is None
+                        and _IMAGE_NAME.fullmatch(full)):
                     self.default_name = full
             if self.ref is not None:
                 cands = [m for m in cands if names[id(m)] == self.ref]
@@ -925,12 +1065,12 @@ class _Import:
                                      f"no manifest named {self.ref!r} in {self.path}")
         if len(cands) > 1:
             arch = host_arch()
-            plat = [m for m in cands if (m.get("platform") or {}).get("architecture") == arch]
+            plat = [m for m in cands if _dict(m.get("platform")).get("architecture") == arch]
             if len(plat) >= 1:
                 cands = plat[:1]
             else:
                 refs = sorted(
-                    str((m.get("annotations") or {}).get("org.opencontainers.image.ref.name"))
+                    str(_dict(m.get("annotations")).get("org.opencontainers.image.ref.name"))
                     for m in cands
                 )
                 raise _bad(f"{self.path} holds several images; pick one as PATH:REF "
@@ -941,9 +1081,9 @@ class _Import:
         if mt in INDEX_TYPES:  # nested index (multi-arch): descend
             self._ingest(src, _blob_rel(desc["digest"]), desc["digest"])
             nested = _json(self._read_blob(desc["digest"]), "nested index")
-            return self._pick_manifest(src, nested, top=False)
+            return self._pick_manifest(src, nested, top=False, level=level + 1)
         if mt not in MANIFEST_TYPES:
-            raise _bad(f"unsupported media type {mt!r} for an image manifest")
+            raise _bad(f"unsupported media type {show(mt)} for an image manifest")
         return desc
 
     def _from_manifest(self, src: _Source, mdigest: str, manifest: Any) -> Image:
@@ -951,10 +1091,10 @@ class _Import:
             raise _bad(f"manifest {mdigest} is not a schema 2 image manifest")
         mt = manifest.get("mediaType", MT_OCI_MANIFEST)
         if mt not in MANIFEST_TYPES:
-            raise _bad(f"unsupported media type {mt!r} for an image manifest")
-        cdesc = manifest.get("config") or {}
+            raise _bad(f"unsupported media type {show(mt)} for an image manifest")
+        cdesc = _dict(manifest.get("config"))
         if cdesc.get("mediaType") not in CONFIG_TYPES:
-            raise _bad(f"unsupported media type {cdesc.get('mediaType')!r} for an image config")
+            raise _bad(f"unsupported media type {show(cdesc.get('mediaType'))} for an image config")
         cdigest, _ = self._ingest(src, _blob_rel(check_digest(cdesc.get("digest"))),
                                   cdesc["digest"])
         cfg = _json(self._read_blob(cdigest), f"config {cdigest}")
@@ -967,7 +1107,8 @@ class _Import:
                        "diff_ids")
         for d in ldescs:  # check everything before copying any big blob
             if not isinstance(d, dict) or d.get("mediaType") not in LAYER_TYPES:
-                raise _bad(f"unsupported media type {d.get('mediaType')!r} for a layer")
+                raise _bad(f"unsupported media type {show(_dict(d).get('mediaType'))} "
+                           "for a layer")
             check_digest(d.get("digest"))
         layers = []
         for d, diff_id in zip(ldescs, diff_ids, strict=True):
@@ -981,18 +1122,19 @@ class _Import:
         if not src.exists("manifest.json"):
             raise _bad(f"{self.path}: not a docker-save archive: manifest.json is missing")
         man = _json(src.read("manifest.json"), "manifest.json")
-        if not isinstance(man, list) or not man:
+        if not isinstance(man, list) or not man or not all(isinstance(e, dict) for e in man):
             raise _bad("manifest.json lists no images")
         entry = man[0]
         if self.ref is not None:
-            hits = [e for e in man if self.ref in (e.get("RepoTags") or [])]
+            hits = [e for e in man if isinstance(e.get("RepoTags"), list)
+                    and self.ref in e["RepoTags"]]
             if not hits:
                 raise ImageError(ErrorCode.NOT_FOUND, f"no image tagged {self.ref!r}")
             entry = hits[0]
         elif len(man) > 1:
             raise _bad("archive holds several images; pick one as PATH:TAG")
-        tags = entry.get("RepoTags") or []
-        if tags and _IMAGE_NAME.match(tags[0]):
+        tags = entry.get("RepoTags") if isinstance(entry.get("RepoTags"), list) else []
+        if tags and isinstance(tags[0], str) and _IMAGE_NAME.fullmatch(tags[0]):
             self.default_name = tags[0]
         cfg_rel = _safe_rel(str(entry.get("Config", "")))
         m = re.search(r"([0-9a-f]{64})(\.json)?$", cfg_rel)
@@ -1000,14 +1142,14 @@ class _Import:
         cdigest, csize = self._ingest(src, cfg_rel, expect)
         cfg = _json(self._read_blob(cdigest), "image config")
         diff_ids = _diff_ids(cfg)
-        rels = entry.get("Layers") or []
+        rels = entry.get("Layers") if isinstance(entry.get("Layers"), list) else []
         if len(rels) != len(diff_ids):
             raise _bad(f"manifest.json has {len(rels)} layers but config has {len(diff_ids)} "
                        "diff_ids")
         layers = []
         for rel, diff_id in zip(rels, diff_ids, strict=True):
             rel = _safe_rel(str(rel))
-            m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", rel)
+            m = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", rel)
             # Old docker: layer.tar is uncompressed, so its digest *is* its diff-id.
             expect = f"sha256:{m.group(1)}" if m else None
             digest, size = self._ingest(src, rel, expect)
@@ -1024,7 +1166,7 @@ class _Import:
 
     def _rootfs(self, path: Path) -> Image:
         """A plain rootfs tarball becomes a one-layer image with a minimal config."""
-        digest, size = self._ingest(_DirSource(path.parent), path.name, None)
+        digest, size = self._ingest(_FileSource(path), path.name, None)
         with open(self.store.blob_path(digest), "rb") as f:
             comp = sniff_compression(f.read(8))
         diff_id, usize = self._ensure_layer(digest, None)
@@ -1043,11 +1185,11 @@ class _Import:
 
     def _put_bytes(self, body: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        self.pin(digest)
+        self.pin("blob", digest)
         dest = self.store.blob_path(digest)
         if not dest.is_file():
-            atomic_write(dest, body, mode=0o644)
-            self.added.append(dest)
+            atomic_write(dest, body, mode=STORE_FILE_MODE)
+            self.added.append(("blob", dest))
         return digest
 
     def _synth_manifest(self, cdigest: str, csize: int, cmt: str, cfg: dict[str, Any],
@@ -1085,7 +1227,7 @@ def _image(cdigest: str, mdigest: str, cfg: dict[str, Any], layers: list[Layer])
         manifest_digest=mdigest,
         config_digest=cdigest,
         layers=layers,
-        config=dict(cfg.get("config") or {}),
+        config=dict(_dict(cfg.get("config"))),
         architecture=arch,
         os=str(cfg.get("os", "linux")),
         created=str(cfg.get("created", "")),

@@ -305,9 +305,10 @@ class Lifecycle:
         `cgroups_path` overrides the per-node cgroup (the tasks return to the one
         they were dumped from when that exists here).
 
-        The restored processes keep the seccomp filter, noNewPrivileges and
-        oom_score_adj they were dumped with (CRIU restores them); this config's
-        sandbox, from the cnvm's `security_opt`, applies to what `exec` starts later."""
+        The restored processes keep the seccomp filter and noNewPrivileges they were
+        dumped with (CRIU restores them); this config's sandbox, from the cnvm's
+        `security_opt`, applies to what `exec` starts later. (CRIU restores an
+        oom_score_adj only when it is not 0: a 0 comes from `runc restore`'s own.)"""
         img = self.images.resolve(rec["image_id"])
         paths = self.paths(name)
         policy = self._policy(rec)
@@ -580,8 +581,8 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
               else args.int("memory", None, min=0))
     cpus = (args.str("cpus", None, max_len=32) if isinstance(args.get("cpus"), str)
             else args.float("cpus", None))
-    env = args.list("env", [])
-    cmd = args.list("cmd", [])
+    env = args.argv("env", [])  # argv rules: no NUL, what execve() would accept
+    cmd = args.argv("cmd", [])
     security_opt = args.list("security_opt", [])
     args.reject_unknown()
     t0 = time.monotonic()
@@ -625,8 +626,8 @@ async def exec_(ctx: Context, args: Args) -> dict[str, Any]:
     """Run a command in a cnvm; returns exit_code, stdout, stderr. `stdin` (bytes, up to
     8 MiB) is fed to it, else its stdin is /dev/null."""
     name = args.str("name", max_len=63)
-    argv = args.list("cmd")
-    env = args.list("env", [])
+    argv = args.argv("cmd")  # argv rules: no NUL, what execve() would accept
+    env = args.argv("env", [])
     cwd = args.str("cwd", None)
     timeout = args.float("timeout", 300.0, min=0.1, max=86400)
     stdin = args.bytes("stdin", None)

@@ -127,7 +127,7 @@ class _Counter:
         return v
 
 
-def _too_deep(obj: Any, limit: int) -> bool:
+def too_deep(obj: Any, limit: int) -> bool:
     """Is `obj` nested deeper than `limit` maps/arrays? Breadth first, no recursion;
     each level's element types are scanned in C (``map(type, ...)``)."""
     level = [obj]
@@ -164,7 +164,7 @@ def decode_body(body: bytes | bytearray | memoryview | mmap.mmap,
     if not isinstance(obj, dict):
         raise FrameError(f"frame body is a {type(obj).__name__}, expected a map")
     # fewer containers than levels allowed cannot nest too deep: skip the walk
-    if counter.containers > limits.max_depth and _too_deep(obj, limits.max_depth):
+    if counter.containers > limits.max_depth and too_deep(obj, limits.max_depth):
         raise FrameError(f"frame body nests deeper than {limits.max_depth} maps/arrays")
     return obj
 
@@ -279,7 +279,7 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         """Bytes received but not yet part of a complete frame."""
-        return len(self._head) + (self._body.got if self._body is not None else 0)
+        return len(self._head) + (HEADER_SIZE + self._body.got if self._body is not None else 0)
 
     @property
     def partial(self) -> bool:

@@ -24,6 +24,11 @@ to its real addresses), which is the usual DNAT caveat.
 The rule set lives in our own chains, rebuilt atomically from the persisted list
 with `iptables-restore --noflush` (a declared user chain is flushed and refilled
 in one transaction), so reconciling after a crash is the same call as a change.
+
+A DNAT rule on a port the node itself serves would hand that service's traffic to a
+cnvm (the host's SSH logins, the peer mesh), so `refuse_node_port` keeps such ports
+out: 22, the configured peer and VXLAN ports (either protocol), and every port with
+a listening TCP or bound UDP socket in the node's network namespace.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from cnvmd import netlink, proc
 
-from .names import BRIDGE, PortSpec
+from .names import BRIDGE, PortSpec, invalid
 
 log = logging.getLogger("cnvmd.network")
 
@@ -76,6 +82,47 @@ class Forward:
     def from_dict(cls, d: dict[str, Any]) -> Forward:
         return cls(str(d["name"]), int(d["hostport"]), int(d["port"]), str(d["proto"]),
                    str(d["ip"]))
+
+
+SSH_PORT = 22
+_TCP_LISTEN = "0A"
+
+
+def listening_ports(proc_net: Path = Path("/proc/self/net")) -> set[tuple[int, str]]:
+    """(port, proto) of every listening TCP and bound UDP socket in this process's
+    network namespace (the node's: cnvmd runs in it), from /proc/net/{tcp,udp}{,6}."""
+    out: set[tuple[int, str]] = set()
+    for proto in ("tcp", "udp"):
+        for name in (proto, proto + "6"):
+            try:
+                lines = (proc_net / name).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                f = line.split()
+                if len(f) < 4 or (proto == "tcp" and f[3] != _TCP_LISTEN):
+                    continue
+                port = int(f[1].rpartition(":")[2], 16)
+                if port:
+                    out.add((port, proto))
+    return out
+
+
+def node_ports(config: object) -> set[tuple[int, str]]:
+    """Ports the node itself uses, which no cnvm may take over with an expose."""
+    out = {(SSH_PORT, "tcp")}
+    for key in ("peer_port", "vxlan_port"):
+        port = getattr(config, key, 0)
+        if isinstance(port, int) and port > 0:
+            out |= {(port, "tcp"), (port, "udp")}
+    return out | listening_ports()
+
+
+def refuse_node_port(spec: PortSpec, config: object) -> None:
+    """INVALID_ARGUMENT (as a NetworkError) if spec's host port is one the node uses."""
+    if (spec.hostport, spec.proto) in node_ports(config):
+        raise invalid(f"host port {spec.hostport}/{spec.proto} is used by the node itself "
+                      "(SSH, the peer mesh, VXLAN or a listening service): pick another")
 
 
 def render(forwards: Iterable[Forward]) -> str:

@@ -15,7 +15,8 @@ from cnvmd.api import Args, Context, Router
 from cnvmd.services import NETWORK, PEERS, Plugin
 from proto.messages import ProtoError
 
-from .names import NetworkError
+from .expose import refuse_node_port
+from .names import NetworkError, parse_port_spec
 from .service import Network
 
 log = logging.getLogger("cnvmd.network")
@@ -140,7 +141,12 @@ async def expose(ctx: Context, args: Args) -> dict[str, Any]:
     name = args.name("name")
     spec = args.str("spec", max_len=32)
     args.reject_unknown()
-    fwd = await _run(_net(ctx).expose(name, spec))
+    try:
+        ps = parse_port_spec(spec)
+        refuse_node_port(ps, ctx.daemon.config)
+    except NetworkError as exc:
+        raise _proto(exc) from None
+    fwd = await _run(_net(ctx).expose(name, ps))
     return {**fwd.to_dict(), "node": ctx.daemon.node_name}
 
 

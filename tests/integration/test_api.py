@@ -95,9 +95,11 @@ class Raw:
 
 
 class Daemon:
-    def __init__(self, root: Path, name: str = "apinode") -> None:
+    def __init__(self, root: Path, name: str = "apinode", config: str = "") -> None:
+        """`config`: extra cnvmd.toml lines (limits, socket_group, ...)."""
         self.root = root
         self.name = name
+        self.config = config
         self.socket = root / "run" / "cnvmd.sock"
         self.state_dir = root / "state"
         self.run_dir = root / "run"
@@ -114,7 +116,8 @@ class Daemon:
         # Test daemons share the host netns: the peer listener must not take the
         # fixed port 6783 (lab nodes have their own netns and keep the default).
         cfg = self.root / "cnvmd.toml"
-        cfg.write_text('listen_address = "127.0.0.1"\npeer_port = 0\n')
+        port = "" if "peer_port" in self.config else "peer_port = 0\n"
+        cfg.write_text('listen_address = "127.0.0.1"\n' + port + self.config)
         argv = [PY, "-m", "cnvmd", "--config", str(cfg), "--socket", str(self.socket),
                 "--state-dir",
                 str(self.state_dir), "--run-dir", str(self.run_dir), "--runc-root",

@@ -7,6 +7,7 @@ test Router), so concurrency, events and cancellation are tested without cnvmd.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnvmd.api import ApiServer, Args, Context, Router, Session
+from cnvmd.api import HELLO_MAX_FRAME, ApiLimits, ApiServer, Args, Context, Router, Session
 from proto.client import Client, Disconnected
 from proto.framing import (
+    MAX_DEPTH,
     MAX_FRAME,
+    MMAP_MIN,
+    DecodeLimits,
+    FrameBudget,
+    FrameBusy,
     FrameDecoder,
     FrameError,
     decode_body,
@@ -110,6 +116,65 @@ def test_bad_bodies(body: bytes) -> None:
         decode_body(body)
     with pytest.raises(FrameError):
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def _nest(depth: int) -> dict[str, Any]:
+    """A map whose value nests `depth` levels in all (the map itself is level 1)."""
+    v: Any = 0
+    for i in range(depth - 1):
+        v = [v] if i % 2 else {"k": v}
+    return {"t": v}
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 100, 1000, 5000])
+def test_nesting_depth_is_bounded(depth: int) -> None:
+    """Deep values would overflow the stack of whatever walks them later (repr in an
+    error message gave `internal: RecursionError`): refused as framing errors."""
+    body = b"\x81\xa1t" + b"\x91" * (depth - 1) + b"\x00"  # {"t": [[...[0]...]]}
+    with pytest.raises(FrameError, match=r"deeper|undecodable"):
+        decode_body(body)
+    with pytest.raises(FrameError):
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_nesting_up_to_the_limit_and_wide_frames_decode() -> None:
+    m = _nest(MAX_DEPTH)
+    assert decode_body(msgpack.packb(m)) == m
+    wide = {"rows": [{"name": f"c{i}", "ports": [i, i + 1]} for i in range(5000)]}
+    assert decode_body(msgpack.packb(wide)) == wide
+
+
+def test_object_count_limits() -> None:
+    lim = DecodeLimits(max_containers=100, max_items=1000)
+    with pytest.raises(FrameError, match="maps/arrays"):
+        decode_body(msgpack.packb({"x": [[] for _ in range(200)]}), lim)
+    with pytest.raises(FrameError, match="max_array_len"):  # one container too big
+        decode_body(msgpack.packb({"x": list(range(5000))}), lim)
+    with pytest.raises(FrameError, match="elements"):  # many containers, too big together
+        decode_body(msgpack.packb({"x": [list(range(90)) for _ in range(20)]}), lim)
+    assert decode_body(msgpack.packb({"x": list(range(900))}), lim)["x"][-1] == 899
+
+
+def test_decoder_buffer_and_budget() -> None:
+    """One exact buffer per frame (an anonymous mapping when large), charged to the
+    shared budget while the frame is partial and given back when it ends or dies."""
+    budget = FrameBudget(3 * MMAP_MIN)
+    frame = encode_frame({"b": b"x" * (2 * MMAP_MIN)})
+    a, b = FrameDecoder(budget=budget), FrameDecoder(budget=budget)
+    assert a.feed(frame[:1000]) == [] and a.partial and a.pending == 1000
+    assert budget.used == len(frame) - 4
+    with pytest.raises(FrameBusy):  # a second big frame does not fit
+        b.feed(frame[:10])
+    assert budget.used == len(frame) - 4
+    out = a.feed(frame[1000:])
+    assert out[0]["b"] == b"x" * (2 * MMAP_MIN) and budget.used == 0 and not a.partial
+    small = encode_frame({"s": 1})  # below free_size: never charged
+    assert FrameDecoder(budget=FrameBudget(0)).feed(small) == [{"s": 1}]
+    c = FrameDecoder(budget=budget)
+    c.feed(frame[:5000])
+    assert budget.used > 0
+    c.close()  # the connection died mid-frame
+    assert budget.used == 0 and c.pending == 0
 
 
 async def test_read_frame_eof_and_truncation() -> None:
@@ -440,3 +505,92 @@ def test_raw_msgpack_matches_readme_example() -> None:
     assert encode_frame({"t": "hello", "proto": 1, "agent": "sh"}) == (
         struct.pack(">I", len(body)) + body)
     assert struct.pack(">I", len(body)) == b"\x00\x00\x00\x19"
+
+
+# ------------------------------------------------------------------------- server limits
+
+
+async def _closing_error(r: asyncio.StreamReader, timeout: float = 5) -> dict[str, Any]:
+    """Read until EOF; the last frame (the server's error before it closed)."""
+    last: dict[str, Any] = {}
+    while True:
+        f = await asyncio.wait_for(read_frame(r), timeout)
+        if f is None:
+            return last
+        last = f
+
+
+async def test_server_read_timeouts_and_caps(tmp_path: Path) -> None:
+    """A dribbled frame is cut at frame_timeout; an idle connection at idle_timeout
+    (not one with a request in flight); the connection cap answers BUSY; frames before
+    the hello and requests above max_request_frame are refused; big partial frames
+    share one budget."""
+    lim = ApiLimits(max_connections=6, root_reserve=1, frame_timeout=0.4, idle_timeout=0.8,
+                    max_request_frame=4 * MMAP_MIN, read_budget=5 * MMAP_MIN)
+    srv = ApiServer(make_router([]), FakeDaemon(), lim)
+    p = tmp_path / "lim.sock"
+    await srv.start(p, group=None)
+    try:
+        # a frame sent one byte at a time, forever: closed after frame_timeout
+        r, w = await asyncio.open_unix_connection(str(p))
+        w.write(HELLO)
+        assert (await read_frame(r))["t"] == "hello"  # type: ignore[index]
+        frame = encode_frame({"t": "req", "id": 1, "op": "echo", "args": {"x": "y" * 100}})
+        t0 = asyncio.get_running_loop().time()
+
+        async def dribble() -> None:
+            for byte in frame[:-1]:
+                w.write(bytes([byte]))
+                await asyncio.sleep(0.02)
+
+        drip = asyncio.ensure_future(dribble())
+        err = await _closing_error(r)
+        drip.cancel()
+        took = asyncio.get_running_loop().time() - t0
+        assert err["error"]["code"] == "bad_frame" and "within" in err["error"]["message"]
+        assert 0.3 < took < 2.5
+        w.close()
+        # idle: closed; busy with a request in flight: kept
+        r1, w1 = await asyncio.open_unix_connection(str(p))
+        r2, w2 = await asyncio.open_unix_connection(str(p))
+        w1.write(HELLO)
+        w2.write(HELLO + encode_frame({"t": "req", "id": 1, "op": "forever"}))
+        err = await _closing_error(r1)
+        assert err["error"]["code"] == "unavailable" and "idle" in err["error"]["message"]
+        assert (await read_frame(r2))["t"] == "hello"  # type: ignore[index]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read_frame(r2), 1.2)  # nothing: still open
+        w1.close()
+        w2.close()
+        await asyncio.sleep(0.1)
+        # before the hello, frames are small; after it, below max_request_frame
+        out = await raw(p, struct.pack(">I", HELLO_MAX_FRAME + 1))
+        assert out[-1]["error"]["code"] == "bad_frame"
+        out = await raw(p, HELLO + struct.pack(">I", 4 * MMAP_MIN + 1))
+        assert out[-1]["error"]["code"] == "bad_frame"
+        # two 3 MiB partial frames: the second does not fit the 5 MiB budget
+        big = struct.pack(">I", 3 * MMAP_MIN) + b"\x81"
+        ra, wa = await asyncio.open_unix_connection(str(p))
+        wa.write(HELLO + big)
+        assert (await read_frame(ra))["t"] == "hello"  # type: ignore[index]
+        await asyncio.sleep(0.1)
+        assert srv.budget.used == 3 * MMAP_MIN
+        out = await raw(p, HELLO + big)
+        assert out[-1]["error"]["code"] == "busy"
+        assert (await _closing_error(ra))["error"]["code"] == "bad_frame"  # frame timeout
+        assert srv.budget.used == 0
+        wa.close()
+        # the connection cap: root keeps its reserve, everyone else gets BUSY at the cap
+        conns = [await asyncio.open_unix_connection(str(p)) for _ in range(lim.max_connections)]
+        await asyncio.sleep(0.1)
+        cap = lim.max_connections - (0 if os.geteuid() == 0 else lim.root_reserve)
+        assert len(srv.sessions) == cap
+        out = await raw(p, HELLO)
+        assert out[-1]["error"]["code"] == "busy"
+        for _, cw in conns:
+            cw.close()
+        await asyncio.sleep(0.1)
+        async with await Client.connect(p) as c:
+            assert await c.call("echo", {"ok": 1}) == {"ok": 1}
+    finally:
+        await srv.stop(grace=1)
