@@ -695,6 +695,7 @@ def _kill_criu_helpers(sdir: Path) -> None:
 
 
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PARENT_LINK_RE = re.compile(r"\.\./round-[0-9]{1,5}")
 MAX_IMAGE_FILE = 64 << 30
 
 
@@ -702,7 +703,8 @@ class ImagesUnpacker:
     """CRIU's image files from a tar stream, into the session's images dir only.
 
     Why not `tar -x`: a peer's archive is input. Only regular files with plain names
-    at the top level are taken (no directory, link, device or path), each opened
+    at the top level are taken (no directory, device or path; one link: `parent` to a
+    sibling pre-dump round, what CRIU's --parent-path makes), each opened
     beneath the images dir with O_NOFOLLOW, so nothing a stream sent (a symlink in an
     earlier one, say) can make a later write land elsewhere. Not incremental either:
     the page server has already written the pages into the same dir."""
@@ -728,6 +730,15 @@ class ImagesUnpacker:
                 for m in tar:
                     name = m.name.removeprefix("./")
                     if m.isdir() and name in ("", "."):
+                        continue
+                    if m.issym() and name == "parent":
+                        # a dump on top of pre-dump round K links its parent images;
+                        # only that exact sibling link is taken (CRIU follows it)
+                        if not PARENT_LINK_RE.fullmatch(m.linkname):
+                            raise wire.bad("images", f"has a bad parent link "
+                                           f"{m.linkname[:80]!r}")
+                        with contextlib.suppress(FileExistsError):
+                            os.symlink(m.linkname, "parent", dir_fd=dfd)
                         continue
                     if not m.isfile() or not IMAGE_NAME_RE.fullmatch(name) \
                             or m.size > MAX_IMAGE_FILE:

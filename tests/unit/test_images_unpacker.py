@@ -59,6 +59,15 @@ async def test_anything_but_plain_files_is_refused(tmp_path: Path, member):
     assert not (tmp_path / "evil.img").exists()
 
 
+async def test_only_a_parent_link_to_a_sibling_round_is_taken(tmp_path: Path):
+    await unpack(tmp_path / "images", archive(("symlink", "./parent", b"../round-3"),
+                                              ("file", "core-1.img", b"c")))
+    assert os.readlink(tmp_path / "images" / "parent") == "../round-3"
+    for bad in (b"/etc", b"../../x", b"../round-3/../.."):
+        with pytest.raises(ProtoError, match="parent link"):
+            await unpack(tmp_path / f"i{len(bad)}", archive(("symlink", "parent", bad)))
+
+
 async def test_a_symlink_already_there_is_not_written_through(tmp_path: Path):
     outside = tmp_path / "outside"
     outside.write_text("keep")
