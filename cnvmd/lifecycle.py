@@ -243,22 +243,6 @@ class Lifecycle:
                 raise
         return self._summary(rec)
 
-    async def materialize(self, name: str, rec: dict[str, Any], *, netns_path: str,
-                          seed: bool = False) -> bundle.BundlePaths:
-        """Mount the overlay and write config.json from a cnvm record, without running it.
-
-        For a teleport target: the record and upper dir arrived, the image (layers by
-        digest) is present, the network prepared `netns_path`; then `runc restore`.
-        """
-        img = self.images.resolve(rec["image_id"])
-        return await bundle.prepare(
-            self.cnvms_dir, name, img.layer_dirs, img.config, seed=seed, node=self.node,
-            hostname=rec.get("hostname") or name, cmd=rec.get("cmd") or None,
-            env=rec.get("env") or {}, memory=rec.get("memory"), cpus=rec.get("cpus"),
-            netns_path=netns_path, ip=rec.get("ip"),
-            annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
-            **self._policy(rec))
-
     async def mount_arriving(self, name: str, image_id: str) -> None:
         """The overlay rootfs of a cnvm that is arriving by teleport (its upper dir
         streams in while the source still runs)."""

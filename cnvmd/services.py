@@ -13,7 +13,7 @@ nobody polls for a service that "should appear soon".
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from proto.messages import ErrorCode, ProtoError
@@ -101,7 +101,6 @@ class Plugin:
     start: Hook | None = None
     serve: Hook | None = None
     stop: Hook | None = None
-    doc: str = field(default="", compare=False)
 
 
 class PluginError(Exception):

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from cnvmd import netlink
 from cnvmd.migration import journal, netmove, wire
 from cnvmd.migration import link as links
-from cnvmd.migration.source import Effect, Phase, SourceUndo
-from cnvmd.migration.target import TargetUndo
+from cnvmd.migration.source import Effect, Phase, SourceUndo, kill_session_procs
+from cnvmd.migration.target import TargetUndo, kill_criu_helpers
 from cnvmd.migration.undo import UndoStack
 from cnvmd.runtime import Runc, _umount_under
 from cnvmd.services import LIFECYCLE, PEERS
@@ -81,7 +81,7 @@ async def _recover_source(engine: Teleports, d: Path) -> None:
     if switched:
         log.warning("teleport %s: %s moved to %s before the restart; releasing the local "
                     "copy", j.sid, j.name, j.target)
-        await asyncio.to_thread(_kill_procs, d)
+        await asyncio.to_thread(kill_session_procs, d)
         life = daemon.services.require(LIFECYCLE)
         await life.release(j.name)
         with contextlib.suppress(Exception):
@@ -104,16 +104,10 @@ async def _recover_source(engine: Teleports, d: Path) -> None:
         if e in Effect._value2member_map_:
             await stack.push(e, u.undo(e))
     if str(Effect.CRIU) not in j.effects:  # CRIU may have been started right before
-        await asyncio.to_thread(_kill_procs, d)
+        await asyncio.to_thread(kill_session_procs, d)
     done = await stack.unwind()
     log.info("teleport %s: source recovered: %s", j.sid, ", ".join(done))
     await _drop(d)
-
-
-def _kill_procs(d: Path) -> None:
-    from cnvmd.migration.source import kill_session_procs
-
-    kill_session_procs(d)
 
 
 async def _ask(link: links.NodeLink, sid: str) -> wire.TargetStatus:
@@ -149,12 +143,6 @@ async def _recover_target(engine: Teleports, d: Path) -> None:
     for e in j.effects:
         with contextlib.suppress(ValueError):
             await stack.push(e, u.undo(e))
-    await asyncio.to_thread(_kill_target_helpers, d)
+    await asyncio.to_thread(kill_criu_helpers, d)
     await stack.unwind()
     await _drop(d)
-
-
-def _kill_target_helpers(d: Path) -> None:
-    from cnvmd.migration.target import _kill_criu_helpers
-
-    _kill_criu_helpers(d)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import os
 import re
@@ -151,7 +150,7 @@ class TargetUndo:
         if self.s is not None:
             await self.side.stop_helpers(self.s)
         else:
-            await asyncio.to_thread(_kill_criu_helpers, self.dir)
+            await asyncio.to_thread(kill_criu_helpers, self.dir)
 
     async def restored(self) -> None:
         """A restored copy must never talk: cut its link, then remove the container
@@ -684,7 +683,7 @@ def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, An
             "teleport_sid": s.sid}
 
 
-def _kill_criu_helpers(sdir: Path) -> None:
+def kill_criu_helpers(sdir: Path) -> None:
     """Kill page-server / lazy-pages processes whose argv names this session dir."""
     for pid in proc.pids_with_arg(str(sdir).encode(), any_of=(b"page-server", b"lazy-pages")):
         with contextlib.suppress(OSError):
@@ -790,12 +789,6 @@ def _write_all(fd: int, data: bytes) -> None:
 def _mkdirs(*dirs: Path) -> None:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _break_images(images: Path) -> None:

@@ -339,10 +339,6 @@ def net_from_wire(raw: Any) -> NetInfo:
     return info
 
 
-def net_to_wire(n: NetInfo) -> dict[str, Any]:
-    return n.to_wire()
-
-
 @dataclass(frozen=True)
 class Neighbor:
     ip: str
@@ -386,7 +382,7 @@ class Prepare:
     def to_wire(self) -> dict[str, Any]:
         return {"v": TELEPORT_PROTOCOL, "sid": self.sid, "mode": str(self.mode),
                 "spec": self.spec.to_wire(), "image": self.image.to_wire(),
-                "net": net_to_wire(self.net), "criu_version": self.criu_version,
+                "net": self.net.to_wire(), "criu_version": self.criu_version,
                 "memory": self.memory, "disk": self.disk, "lease": self.lease,
                 "cpu_flags": list(self.cpu_flags)}
 
