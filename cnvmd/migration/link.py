@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cnvmd.peers.streams import PeerStream, TcpRelay
+
+from .lazyrelay import PrefetchRelay
 
 if TYPE_CHECKING:
     from cnvmd.peers.service import PeerService
@@ -85,13 +88,21 @@ def member_names(svc: Any) -> set[str]:
 CHUNK = 1 << 20
 
 
-async def stream_relay(link: PeerLink, args: dict[str, Any]) -> TcpRelay:
-    """A loopback TCP listener; each connection is spliced into a new teleport stream.
+async def stream_relay(link: PeerLink, args: dict[str, Any],
+                       images: Path | None = None) -> TcpRelay | PrefetchRelay:
+    """A loopback TCP listener; each connection is relayed into a new teleport stream.
 
     Used on a postcopy target: CRIU's lazy-pages daemon connects here, and the
-    source's handler connects the stream to its lazy page server.
+    source's handler connects the stream to its lazy page server. With `images` (the
+    session's image dir, holding the pagemaps) the relay prefetches pages in large
+    pipelined requests (see lazyrelay) instead of copying bytes.
     """
-    relay = TcpRelay(lambda: link.open_stream(args), f"{link.node} {args}")
+    relay: TcpRelay | PrefetchRelay
+    if images is not None:
+        relay = PrefetchRelay(lambda: link.open_stream(args), f"{link.node} (lazy pages)",
+                              images)
+    else:
+        relay = TcpRelay(lambda: link.open_stream(args), f"{link.node} {args}")
     return await relay.start("127.0.0.1", 0)
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from cnvmd import bundle, criu, proc
 from cnvmd.migration import journal, netmove, tcprepair, treesync, wire
 from cnvmd.migration import link as links
+from cnvmd.migration.lazyrelay import PrefetchRelay
 from cnvmd.migration.policy import Mode
 from cnvmd.migration.report import RESTORE_STAGES, criu_stages, keep_logs, save_reports
 from cnvmd.migration.undo import UndoStack
@@ -101,7 +102,7 @@ class Session:
     page_server: asyncio.subprocess.Process | None = None
     page_log: Path | None = None
     lazy: asyncio.subprocess.Process | None = None
-    relay: TcpRelay | None = None
+    relay: TcpRelay | PrefetchRelay | None = None
     last_seen: float = field(default_factory=time.monotonic)
     busy: int = 0
     watchdog: asyncio.Task[None] | None = None
@@ -484,7 +485,7 @@ class TargetSide:
                 await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
             link = links.PeerLink(self.daemon.services.require(PEERS), s.source)
             s.relay = await links.stream_relay(
-                link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire())
+                link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire(), s.images)
             lazy_dir = s.dir / "lazy"
             await asyncio.to_thread(_mkdirs, lazy_dir)
             argv = [self.criu_lazy, "lazy-pages", "--page-server", "--address", "127.0.0.1",
@@ -580,6 +581,9 @@ class TargetSide:
                 lazy_ok = s.lazy.returncode == 0
             except TimeoutError:
                 lazy_ok = False
+        if s.relay is not None:  # its byte counts are final once its connections end
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.relay.wait_idle(), 10)
         relay = s.relay.bytes_up + s.relay.bytes_down if s.relay else 0
         await self._forget(s)
         return {"ok": True, "lazy_ok": lazy_ok, "relay_bytes": relay,
