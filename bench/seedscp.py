@@ -156,9 +156,9 @@ class SeedLab:
 
         await asyncio.to_thread(unpack)
         image_cfg = imagebuild.image_config([])["config"]
-        cfg = bundle.runc_config(name=NAME, image_config=image_cfg, node=f"{self.lab.name}-sd"
-                                 f"-{node}", netns_path=self.netns(node), rootfs=rootfs,
-                                 memory=memory)
+        cfg = bundle.runc_config(name=NAME, image_config=image_cfg, node=f"sd-{node}",
+                                 netns_path=self.netns(node), rootfs=rootfs, memory=memory,
+                                 cgroup_root=f"/cnvm-{self.lab.name}")  # goes with the lab
         (b / "config.json").write_text(json.dumps(cfg))
 
     async def _sshd(self, node: str, key: Path) -> None:

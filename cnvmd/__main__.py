@@ -23,7 +23,7 @@ configuration:
   /etc/cnvm/cnvmd.toml when it exists); options given here override it.
   Keys: node_name, state_dir, run_dir, socket_path, runc_root, runc, criu,
   listen_address, peer_port, vxlan_port, vni, subnet, gateway, netns_prefix,
-  log_level (flat, or in [daemon]/[network]/[peers] tables).
+  cgroup_root, log_level (flat, or in [daemon]/[network]/[peers] tables).
 
 signals:
   SIGTERM, SIGINT  cancel in-flight requests, close the socket, exit 0
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns-prefix", metavar="PREFIX",
                    help="prefix of the per-cnvm network namespaces (default cnvm-); "
                         "daemons sharing one /run/netns need distinct prefixes")
+    p.add_argument("--cgroup-root", metavar="PATH",
+                   help="cgroup parent of the cnvms (default /cnvm); the same on every "
+                        "member; labs sharing one host need distinct roots")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
     p.add_argument("--version", action="version", version=f"cnvmd {cnvmd.__version__}")

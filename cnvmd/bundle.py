@@ -426,11 +426,17 @@ def command_argv(image_config: Mapping[str, Any], cmd: Sequence[str] | None) -> 
     return [str(a) for a in argv]
 
 
-def cgroups_path(node: str, name: str) -> str:
+CGROUP_ROOT_RE = re.compile(r"(/[A-Za-z0-9_.-]{1,64}){1,4}")
+
+
+def cgroups_path(node: str, name: str, root: str = "/cnvm") -> str:
     """Per node and cnvm: during a teleport between two lab nodes on one host, both
-    copies exist at once and must not share a cgroup."""
+    copies exist at once and must not share a cgroup; `root` (config cgroup_root)
+    keeps labs on one host apart."""
+    if not CGROUP_ROOT_RE.fullmatch(root) or "/." in root:
+        raise _bad(f"cgroup root {root!r} must be an absolute path of plain names")
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node) or "node"
-    return f"/cnvm/{safe}/{check_name(name)}"
+    return f"{root}/{safe}/{check_name(name)}"
 
 
 def runc_config(
@@ -450,6 +456,7 @@ def runc_config(
     annotations: Mapping[str, str] | None = None,
     sandbox: seccomp.Sandbox | None = None,
     oom_score_adj: int = 0,
+    cgroup_root: str = "/cnvm",
 ) -> dict[str, Any]:
     """The runc config.json for a cnvm.
 
@@ -517,7 +524,7 @@ def runc_config(
         ],
         "annotations": {"org.cnvm.name": name, **dict(annotations or {})},
         "linux": {
-            "cgroupsPath": cgroups_path(node, name),
+            "cgroupsPath": cgroups_path(node, name, cgroup_root),
             "resources": resources,
             "namespaces": [{"type": "pid"}, netns, {"type": "ipc"}, {"type": "uts"},
                            {"type": "mount"}],

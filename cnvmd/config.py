@@ -44,6 +44,10 @@ class Config:
     """Overlay default gateway for cnvms ("" = none); reserved by IPAM."""
     netns_prefix: str = "cnvm-"
     """Per-cnvm netns are /run/netns/<prefix><name>; a lab node sets `<lab>-<node>-`."""
+    cgroup_root: str = "/cnvm"
+    """cgroup parent of every cnvm (`<root>/<node>/<name>`); the same on every member of
+    a cluster. Labs on one host give each lab its own, so that two labs' node1 never
+    share a cnvm's cgroup."""
     socket_group: str = "cnvm"
     """Group allowed on the API socket (0660) and its directory (0750); without such a
     group both are root's only."""

@@ -112,7 +112,7 @@ class Lifecycle:
     def __init__(self, *, node: str, state: StateStore, images: ImageStore, runc: Runc,
                  cnvms_dir: Path, network: Network | None = None,
                  network_lookup: Any = None, no_new_privileges: bool = True,
-                 oom_score_adj: int = 0) -> None:
+                 oom_score_adj: int = 0, cgroup_root: str = "/cnvm") -> None:
         if not isinstance(no_new_privileges, bool):
             raise ValueError(f"cnvm_no_new_privileges must be true or false, "
                              f"got {no_new_privileges!r}")
@@ -124,6 +124,8 @@ class Lifecycle:
         self.no_new_privileges = no_new_privileges
         """The node's noNewPrivileges for cnvms without their own option."""
         self.oom_score_adj = oom_score_adj
+        bundle.cgroups_path(node, "x", cgroup_root)  # refuse a bad root at start
+        self.cgroup_root = cgroup_root
         self.state = state
         self.images = images
         self.runc = runc
@@ -156,7 +158,8 @@ class Lifecycle:
 
     def _policy(self, rec: dict[str, Any]) -> dict[str, Any]:
         """The runc_config arguments that come from this node's policy."""
-        return {"sandbox": self.sandbox(rec), "oom_score_adj": self.oom_score_adj}
+        return {"sandbox": self.sandbox(rec), "oom_score_adj": self.oom_score_adj,
+                "cgroup_root": self.cgroup_root}
 
     # ---- records
 
@@ -508,7 +511,7 @@ async def start_lifecycle(daemon: Any) -> None:
                      cnvms_dir=cfg.cnvms_dir,
                      network_lookup=lambda: daemon.services.get(NETWORK),
                      no_new_privileges=cfg.cnvm_no_new_privileges,
-                     oom_score_adj=cfg.cnvm_oom_score_adj)
+                     oom_score_adj=cfg.cnvm_oom_score_adj, cgroup_root=cfg.cgroup_root)
     daemon.services.provide(LIFECYCLE, life)
 
 

@@ -26,6 +26,8 @@ import ctypes
 import errno
 import ipaddress
 import os
+import re
+import shutil
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -66,6 +68,8 @@ CRIU_UNLOCK_RULES = (
     "-X CRIU\n"
     "COMMIT\n"
 )
+
+RUN_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -629,16 +633,57 @@ async def prelock(netns: str, *, timeout: float = 20.0) -> None:
                        timeout=timeout)
 
 
+NFT_TABLE_RE = re.compile(r"table inet (CRIU-[0-9a-f-]{1,64})")
+
+
+def nft_lock_table(run_id: str) -> str:
+    """The table CRIU names for a run id: `snprintf(table, 32, "inet CRIU-%s", id)`
+    (criu/netfilter.c, nftables_get_table) into a 32-byte buffer, so a UUID run id is
+    cut to its first 21 characters — by the dump's lock and the restore's unlock alike."""
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"bad CRIU run id {run_id!r}")
+    return f"inet CRIU-{run_id}"[:31].removeprefix("inet ")
+
+
+def nft_lock_rules(run_id: str) -> str:
+    """CRIU's nftables network lock (criu/net.c, nftables_lock_network_internal): one
+    inet table whose input/output chains drop all but CRIU's repair-marked packets."""
+    chain = "type filter hook {hook} priority 0; policy drop; meta mark 0xc114 accept;"
+    return (f"table inet {nft_lock_table(run_id)} {{\n"
+            f"  chain output {{ {chain.format(hook='output')} }}\n"
+            f"  chain input {{ {chain.format(hook='input')} }}\n}}\n")
+
+
+async def prelock_nft(netns: str, run_id: str, *, timeout: float = 20.0) -> None:
+    """CRIU's nftables lock, as the dump named it, in a fresh netns before its link comes
+    up: CRIU's restore deletes exactly that table at network-unlock (in-process, no
+    iptables runs), and that is when the restored sockets' window probes go out."""
+    await proc.run(["nft", "-f", "-"], netns=netns, input=nft_lock_rules(run_id).encode(),
+                   timeout=timeout)
+
+
+async def _nft_tables(netns: str, timeout: float) -> list[str]:
+    if shutil.which("nft") is None:
+        return []
+    res = await proc.run(["nft", "list", "tables", "inet"], netns=netns, check=False,
+                         timeout=timeout)
+    return NFT_TABLE_RE.findall(res.stdout) if res.returncode == 0 else []
+
+
 async def unlock(netns: str, *, timeout: float = 20.0) -> None:
-    """Remove a pre-lock again (a restore that failed leaves it behind)."""
+    """Remove a lock again, either kind (a restore that failed, or a dump that was
+    stopped, leaves it behind)."""
     for tool in ("iptables-restore", "ip6tables-restore"):
         await proc.run([tool, "-w", "--noflush"], netns=netns,
                        input=CRIU_UNLOCK_RULES.encode(), timeout=timeout, check=False)
+    for table in await _nft_tables(netns, timeout):
+        await proc.run(["nft", "delete", "table", "inet", table], netns=netns, check=False,
+                       timeout=timeout)
 
 
 async def is_locked(netns: str) -> bool:
     res = await proc.run(["iptables", "-w", "-S", "INPUT"], netns=netns, check=False, timeout=20)
-    return "-j CRIU" in res.stdout
+    return "-j CRIU" in res.stdout or bool(await _nft_tables(netns, 20))
 
 
 async def announce(netns: str, ifname: str, ip: str, *, count: int = 1,

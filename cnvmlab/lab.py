@@ -197,6 +197,8 @@ class Lab:
             "--runc-root", str(paths.node_runc_root(self.name, node)),
             # the nodes share one /run/netns: per-node cnvm namespaces, found by down()
             "--netns-prefix", f"{self.prefix}{node}-",
+            # and one cgroup tree per lab: every lab has a node1
+            "--cgroup-root", f"/cnvm-{self.name}",
         ])
         log_path = run_dir / "cnvmd.log"
         env = dict(os.environ)
@@ -349,9 +351,12 @@ class Lab:
         # 5. namespaces (links inside go with them)
         for ns in netlink.netns_list(self.prefix):
             await netlink.netns_del(ns)
-        # 6. directories
+        # 6. directories, and the lab's cgroup tree (its daemons' --cgroup-root)
         for base in (self.state_base, self.run_dir):
             shutil.rmtree(base, ignore_errors=True)
+        left = remove_cgroup_tree(f"cnvm-{self.name}")
+        if left:
+            notes.append(f"cgroups still in use: {left}")
         return notes
 
     def _runc_roots(self) -> list[Path]:
@@ -360,6 +365,25 @@ class Lab:
             roots |= {p for p in self.run_dir.glob("*/runc") if p.is_dir()}
             roots |= {p for p in self.run_dir.glob("*/runc-*") if p.is_dir()}
         return sorted(r for r in roots if r.exists())
+
+
+def remove_cgroup_tree(name: str, base: Path = Path("/sys/fs/cgroup")) -> list[str]:
+    """rmdir `<hierarchy>/<name>` bottom-up in every cgroup hierarchy (v1 controllers
+    or the v2 tree); a cgroup with tasks stays and is returned."""
+    left: list[str] = []
+    tops = [base / name] + [d / name for d in base.iterdir() if d.is_dir()] \
+        if base.is_dir() else []
+    for top in tops:
+        if not top.is_dir() or top.is_symlink():
+            continue
+        subs = sorted((p for p in top.rglob("*") if p.is_dir()),
+                      key=lambda p: len(p.parts), reverse=True)
+        for d in [*subs, top]:
+            try:
+                d.rmdir()
+            except OSError:
+                left.append(str(d))
+    return left
 
 
 async def _terminate(pids: Sequence[int], grace: float = 5.0) -> None:

@@ -172,7 +172,8 @@ class TeleLab:
             f'run_dir = "{run}"\nsocket_path = "{sock}"\n'
             f'runc_root = "{labpaths.node_runc_root(lab.name, node)}"\n'
             f'listen_address = "{lab.underlay_ip(node)}"\n'
-            f'netns_prefix = "{lab.name}-{node}-"\nfault_injection = true\n')
+            f'netns_prefix = "{lab.name}-{node}-"\ncgroup_root = "/cnvm-{lab.name}"\n'
+            f'fault_injection = true\n')
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         logf = os.open(run / "cnvmd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                        0o644)

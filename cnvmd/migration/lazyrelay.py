@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from . import criuimg
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -68,61 +70,18 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- pagemaps
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(msg: bytes) -> dict[int, int]:
-    """The varint fields of one protobuf message (pagemap entries have no others)."""
-    out: dict[int, int] = {}
-    i = 0
-    while i < len(msg):
-        key, i = _varint(msg, i)
-        if key & 7 == 0:
-            out[key >> 3], i = _varint(msg, i)
-        elif key & 7 == 2:  # length-delimited: skip
-            n, i = _varint(msg, i)
-            i += n
-        elif key & 7 == 1:
-            i += 8
-        elif key & 7 == 5:
-            i += 4
-        else:
-            raise ValueError(f"wire type {key & 7}")
-    return out
-
-
 def parse_pagemap(data: bytes) -> list[tuple[int, int]]:
     """Lazy [start, end) address ranges of one pagemap image (CRIU's format: two magics,
     then u32-length-prefixed protobuf messages: a head, then the entries)."""
     if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, PAGEMAP_MAGIC):
         raise ValueError("not a CRIU pagemap image")
     out: list[tuple[int, int]] = []
-    i, first = 8, True
-    while i < len(data):
-        if i + 4 > len(data):
-            raise ValueError("truncated entry size")
-        (n,) = struct.unpack_from("<I", data, i)
-        i += 4
-        if i + n > len(data):
-            raise ValueError("truncated entry")
-        msg = data[i:i + n]
-        i += n
-        if first:  # pagemap_head
-            first = False
-            continue
-        f = _fields(msg)
-        vaddr, pages = f.get(1, 0), f.get(5, f.get(2, 0))
-        if f.get(4, 0) & PE_LAZY and pages and vaddr % PAGE == 0 and pages < MAX_NR:
+    for msg in criuimg.messages(data, 8)[1:]:  # after the pagemap_head
+        f = criuimg.fields(msg)
+        vaddr, pages, flags = f.get(1, 0), f.get(5, f.get(2, 0)), f.get(4, 0)
+        if not (isinstance(vaddr, int) and isinstance(pages, int) and isinstance(flags, int)):
+            raise ValueError("a pagemap entry with a non-integer field")
+        if flags & PE_LAZY and pages and vaddr % PAGE == 0 and pages < MAX_NR:
             out.append((vaddr, vaddr + pages * PAGE))
     out.sort()
     return out
@@ -143,12 +102,7 @@ def read_pagemaps(images: Path) -> dict[int, list[tuple[int, int]]]:
         if not m:
             continue
         try:
-            fd = os.open(images / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(MAX_PAGEMAP + 1)
-            if len(data) > MAX_PAGEMAP:
-                continue
-            ranges = parse_pagemap(data)
+            ranges = parse_pagemap(criuimg.read_bounded(images / name, MAX_PAGEMAP))
         except (OSError, ValueError) as exc:
             log.warning("pagemap %s: %s (no prefetch for it)", name, exc)
             continue

@@ -264,7 +264,6 @@ class BridgeNet:
         mtu = br.mtu
         await netlink.netns_add(ns)
         try:
-            await netlink.prelock(ns)
             hv = self.host_veth(name)
             await netlink.link_del(hv, self.node_netns)
             await netlink.veth_add(hv, IFNAME, netns=self.node_netns, peer_netns=ns, mtu=mtu,
@@ -307,7 +306,8 @@ class ServiceNet:
         return str(self.net.cnvms.netns(name))
 
     async def create(self, name: str, info: NetInfo) -> str:
-        link = await self.net.create(name, info.ip, up=False, prelocked=True)
+        # links stay down until the restore, which first loads the dump's network lock
+        link = await self.net.create(name, info.ip, up=False)
         return str(link.netns_path)
 
     async def bring_up(self, name: str, info: NetInfo) -> None:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnvmd import bundle, criu, proc
-from cnvmd.migration import journal, netmove, tcprepair, treesync, wire
+from cnvmd import bundle, criu, netlink, proc
+from cnvmd.migration import criuimg, journal, netmove, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.lazyrelay import PrefetchRelay
 from cnvmd.migration.policy import Mode
@@ -297,7 +297,7 @@ class TargetSide:
         # its pause and the next teleport's freeze miss the tasks. So the source's path,
         # except where that cgroup exists here (lab nodes sharing one host's cgroups):
         # there each copy needs its own, and this node's per-node path is used.
-        src_cg = bundle.cgroups_path(s.source, s.name)
+        src_cg = bundle.cgroups_path(s.source, s.name, self.daemon.config.cgroup_root)
         cg = None if await asyncio.to_thread(_cgroup_exists, src_cg) else src_cg
         life = self.life
         await life.write_restore_config(s.name, _record_of(s, self.node, life.paths(s.name)),
@@ -466,6 +466,9 @@ class TargetSide:
             await asyncio.to_thread(_break_images, s.images)  # a real broken image set
         net = netmove.plumbing(self.daemon)
         t = time.monotonic()
+        await self._lock_as_dumped(s)
+        mark("network lock as the dump made it", t)
+        t = time.monotonic()
         await net.bring_up(s.name, s.net)
         if msg.neighbors:
             with contextlib.suppress(Exception):
@@ -588,6 +591,25 @@ class TargetSide:
         await self._forget(s)
         return {"ok": True, "lazy_ok": lazy_ok, "relay_bytes": relay,
                 "wire_bytes": s.wire_bytes + relay}
+
+    async def _lock_as_dumped(self, s: Session) -> None:
+        """CRIU's restore removes the network lock its dump made, by the method and name
+        the dump recorded, and assumes a fresh netns holds it already: without it the
+        client's retransmissions meet no socket and get a RST. So the lock goes in
+        before the links come up: one nftables table (named by the dump's run id) or,
+        for images dumped with iptables, CRIU's chain."""
+        try:
+            method, run_id = await asyncio.to_thread(criuimg.network_lock, s.images)
+        except (OSError, ValueError) as exc:
+            raise _err(ErrorCode.FAILED, f"{self.node}: cannot read the dump's inventory: "
+                       f"{exc}") from None
+        if method == criuimg.LOCK_NFTABLES:
+            if run_id is None:
+                raise _err(ErrorCode.FAILED, f"{self.node}: the dump locked its network "
+                           "with nftables but recorded no valid run id")
+            await netlink.prelock_nft(s.netns_path, run_id)
+        elif method == criuimg.LOCK_IPTABLES:
+            await netlink.prelock(s.netns_path)
 
     async def status(self, sid: str, caller: str | None) -> wire.TargetStatus:
         s = self.sessions.get(sid)
