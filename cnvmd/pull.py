@@ -57,6 +57,7 @@ DEFAULT_TIMEOUT = 1800.0
 POLL = 0.5
 """Seconds between checks of the staging directory (progress, size limit)."""
 OCI_TAG = "pulled"
+_LOGRUS = re.compile(r'level=\w+ msg="((?:[^"\\]|\\.)*)"')
 _CREDS = re.compile(r"[^:\s\0]{1,256}:[^\0\n]{0,4096}")
 
 
@@ -150,7 +151,8 @@ async def run_skopeo(argv: list[str], *, staging: Path, timeout: float, max_byte
                 sink(line)
 
     def keep_err(line: str) -> None:
-        err.append(line)
+        m = _LOGRUS.search(line)  # time="…" level=fatal msg="…": keep the message
+        err.append(m.group(1).replace('\\"', '"') if m else line)
         del err[:-20]
 
     readers = [asyncio.ensure_future(pump(p.stdout, on_line)),
