@@ -42,7 +42,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from cnvmd.services import LIFECYCLE, METRICS, PEERS, TELEPORTS, Plugin
@@ -52,6 +51,8 @@ log = logging.getLogger("cnvmd.metrics")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""What generate_latest writes (all our names are legacy-valid: no escaping needed)."""
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 16
@@ -273,7 +274,7 @@ class MetricsServer:
         if target != "/metrics":
             return "404 Not Found", text, b"see /metrics\n"
         body = await self.metrics.render()
-        return "200 OK", CONTENT_TYPE_LATEST, b"" if method == "HEAD" else body
+        return "200 OK", CONTENT_TYPE, b"" if method == "HEAD" else body
 
 
 async def start_metrics(daemon: Any) -> None:
