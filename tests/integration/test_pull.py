@@ -147,3 +147,68 @@ async def test_pull_archives(reglab, tmp_path: Path) -> None:
     assert "cnvm-busybox:7" in res["names"]
     r = cnvmctl("images", "pull", f"oci-archive:{tmp_path}/missing.tar", check=False)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+BLACKHOLE = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)  # accept, never answer: skopeo waits
+"""
+
+
+async def _skopeo_pids(lab: Lab) -> list[str]:
+    r = await lab.exec("node1", ["pgrep", "-f", "skopeo copy"], check=False)
+    return r.stdout.split()
+
+
+async def test_pull_timeout_and_cancel(reglab, tmp_path: Path) -> None:
+    """A registry that never answers: the pull's timeout and a client's cancel both kill
+    skopeo and leave no staging behind."""
+    lab, _ = reglab
+    hole = await lab.spawn("node1", [sys.executable, "-c", BLACKHOLE, "5001"],
+                           stdout=asyncio.subprocess.PIPE)
+    assert hole.stdout is not None
+    assert (await asyncio.wait_for(hole.stdout.readline(), 20)).strip() == b"ready"
+    ref = "127.0.0.1:5001/stuck/image:1"
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(ProtoError) as e:
+        await lab.call("node1", "images.pull", {"ref": ref, "tls_verify": False,
+                                                "timeout": 2.0})
+    assert e.value.code == ErrorCode.FAILED and "timed out" in e.value.message
+    assert asyncio.get_running_loop().time() - t0 < 30
+    assert await _skopeo_pids(lab) == []
+
+    from proto.client import Client
+
+    c = await Client.connect(labpaths.node_socket(LAB, "node1"), agent="test")
+    try:
+        task = asyncio.ensure_future(c.call("images.pull", {"ref": ref, "tls_verify": False}))
+        for _ in range(100):  # wait until skopeo runs
+            if await _skopeo_pids(lab):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("skopeo never started")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not await _skopeo_pids(lab):
+                break
+            await asyncio.sleep(0.1)
+        assert await _skopeo_pids(lab) == []
+    finally:
+        await c.aclose()
+    tmp = labpaths.node_state_dir(LAB, "node1") / "images" / "tmp"
+    for _ in range(50):
+        if not list(tmp.iterdir()):
+            break
+        await asyncio.sleep(0.1)
+    assert list(tmp.iterdir()) == []
