@@ -695,7 +695,8 @@ class ImageStore:
         if not isinstance(ref, str) or not ref:
             raise _bad("an image name or id is required")
         for img in self._images.values():
-            if ref in img.names or (":" not in ref and f"{ref}:latest" in img.names):
+            if ref in img.names or (":" not in ref.rpartition("/")[2]
+                                    and f"{ref}:latest" in img.names):
                 return img
         key = ref.removeprefix("sha256:")
         if re.fullmatch(r"[0-9a-f]{4,64}", key):  # fullmatch: no trailing newline

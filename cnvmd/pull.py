@@ -203,7 +203,7 @@ async def pull(ctx: Context, ref: imageref.ImageRef, *, name: str | None, tls_ve
             await asyncio.to_thread(_write_private, authfile, auth)
             argv += ["--src-authfile", str(authfile)]
         argv += ["--", ref.skopeo, f"oci:{layout}:{OCI_TAG}"]
-        ctx.progress("pull", message=ref.remote)
+        ctx.progress("fetch", message="skopeo copy")
         last = [0.0]
 
         def on_bytes(n: int) -> None:
@@ -216,7 +216,7 @@ async def pull(ctx: Context, ref: imageref.ImageRef, *, name: str | None, tls_ve
                          on_line=lambda s: ctx.emit(EVT_LOG, {"message": s}),
                          on_bytes=on_bytes)
         pulled = time.monotonic() - t0
-        ctx.progress("import", message=ref.remote)
+        ctx.progress("import")
         img = await store.import_path(f"{layout}:{OCI_TAG}", name or ref.default_name(),
                                       kind="oci")
     finally:

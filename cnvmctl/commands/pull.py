@@ -39,7 +39,7 @@ references:
 examples:
   cnvmctl images pull busybox
   cnvmctl images pull --no-tls-verify 127.0.0.1:5000/test/busybox:1
-  cnvmctl images pull --creds alice registry.example:5000/team/app:2.1
+  cnvmctl images pull --creds alice localhost:5000/team/app:2.1
   cnvmctl images pull oci-archive:./busybox.tar --name busybox
 """
 
@@ -88,7 +88,7 @@ def _human(r: dict[str, Any]) -> None:
                      "docker://NAME[:TAG]. Archives are files\non this host and go "
                      "through `images import`.",
          epilog=EPILOG,
-         args=[arg("ref", metavar="REF"),
+         args=[arg("ref", metavar="REF", help="image reference (forms below)"),
                arg("--name", help="image name (default: the reference, e.g. "
                                   "127.0.0.1:5000/test/busybox:1)"),
                arg("--tls-verify", action=argparse.BooleanOptionalAction, default=True,

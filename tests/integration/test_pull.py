@@ -212,3 +212,110 @@ async def test_pull_timeout_and_cancel(reglab, tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.1)
     assert list(tmp.iterdir()) == []
+
+
+def _auth_of(pid: int) -> tuple[list[bytes], Path, tuple[int, int], bytes]:
+    """skopeo's argv, its --src-authfile, the file's and its dir's modes, its content."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--src-authfile" in argv, argv
+    p = Path(argv[argv.index(b"--src-authfile") + 1].decode())
+    return (argv, p, (p.stat().st_mode & 0o777, p.parent.stat().st_mode & 0o777),
+            p.read_bytes())
+
+
+def _exists(p: Path) -> bool:
+    return p.exists()
+
+
+async def test_pull_creds_never_on_a_command_line(reglab, tmp_path: Path) -> None:
+    """--creds reach skopeo as a 0600 auth file: its argv holds the file, not the
+    password (seen while skopeo waits on a registry that never answers)."""
+    lab, _ = reglab
+    hole = await lab.spawn("node1", [sys.executable, "-c", BLACKHOLE, "5003"],
+                           stdout=asyncio.subprocess.PIPE)
+    assert hole.stdout is not None
+    assert (await asyncio.wait_for(hole.stdout.readline(), 20)).strip() == b"ready"
+    from proto.client import Client
+
+    c = await Client.connect(labpaths.node_socket(LAB, "node1"), agent="test")
+    try:
+        task = asyncio.ensure_future(c.call("images.pull", {
+            "ref": "127.0.0.1:5003/x/y:1", "tls_verify": False,
+            "creds": "alice:Sup3r-s3cret"}))
+        pids: list[str] = []
+        for _ in range(100):
+            pids = await _skopeo_pids(lab)
+            if pids:
+                break
+            await asyncio.sleep(0.1)
+        assert pids, "skopeo never started"
+        argv, authfile, modes, body = _auth_of(int(pids[0]))
+        assert not any(b"s3cret" in a for a in argv), argv
+        assert modes == (0o600, 0o700)  # the file, its staging dir
+        assert b"s3cret" not in body  # base64, as auth.json has it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await c.aclose()
+    for _ in range(100):
+        if not _exists(authfile):
+            break
+        await asyncio.sleep(0.1)
+    assert not _exists(authfile)
+
+
+async def test_pull_from_a_registry_with_auth(reglab, tmp_path: Path) -> None:
+    """A second registry with htpasswd auth: the right creds pull, wrong ones are
+    permission_denied, an --authfile works too."""
+    import base64
+    import warnings
+
+    with warnings.catch_warnings():  # bcrypt through libcrypt; gone in Python 3.13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        crypt = pytest.importorskip("crypt")
+
+    lab, layout = reglab
+    store = labpaths.STATE_BASE / LAB / "registry-auth"
+    store.mkdir()
+    (tmp_path / "htpasswd").write_text(
+        f"alice:{crypt.crypt('wonderland', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    cfg = tmp_path / "registry-auth.yml"
+    cfg.write_text(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {store}\nhttp:\n  addr: 127.0.0.1:5002\n"
+        f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp_path / 'htpasswd'}\n")
+    await lab.spawn("node1", [REGISTRY, "serve", str(cfg)],
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    for _ in range(100):
+        r = await lab.exec("node1", ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                     "http://127.0.0.1:5002/v2/"], check=False)
+        if r.stdout == "401":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("auth registry did not answer")
+    ref = "127.0.0.1:5002/private/busybox:2"
+    await lab.exec("node1", ["skopeo", "copy", "--dest-tls-verify=false",
+                             "--dest-creds", "alice:wonderland",
+                             f"oci:{layout.path}:latest", f"docker://{ref}"], timeout=120)
+    r = cnvmctl("images", "pull", "--no-tls-verify", ref, check=False)
+    assert r.returncode == 1 and "unauthorized" in r.stderr.lower(), r.stderr
+    r = cnvmctl("images", "pull", "--no-tls-verify", "--creds", "alice:wrong", ref,
+                check=False)
+    assert r.returncode == 1, r.stderr
+    with pytest.raises(ProtoError) as e:
+        await lab.call("node1", "images.pull", {"ref": ref, "tls_verify": False,
+                                                "creds": "alice:wrong"})
+    assert e.value.code == ErrorCode.PERMISSION_DENIED, e.value
+    res = json.loads(cnvmctl("--json", "images", "pull", "--no-tls-verify", "--creds",
+                             "alice:wonderland", ref).stdout)
+    assert ref in res["names"]
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {"127.0.0.1:5002": {
+        "auth": base64.b64encode(b"alice:wonderland").decode()}}}))
+    res = json.loads(cnvmctl("--json", "images", "pull", "--no-tls-verify", "--authfile",
+                             str(auth), "--name", "viaauthfile:1", ref).stdout)
+    assert "viaauthfile:1" in res["names"]
+    log = (labpaths.node_run_dir(LAB, "node1") / "cnvmd.log").read_text()
+    assert "wonderland" not in log

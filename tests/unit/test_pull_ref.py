@@ -8,6 +8,7 @@ import json
 import pytest
 
 from cnvmd.images import check_image_name
+from cnvmd.migration.wire import IMAGE_NAME_RE
 from cnvmd.pull import auth_json, parse_ref
 from proto import imageref
 from proto.imageref import RefError, looks_like_registry_ref, parse
@@ -33,6 +34,7 @@ def test_registry_refs(ref: str, remote: str, name: str) -> None:
     assert r.skopeo == f"docker://{remote}"
     assert r.default_name() == name
     assert check_image_name(name) == name  # the store takes the default name
+    assert IMAGE_NAME_RE.fullmatch(name)  # and a teleport carries it
 
 
 def test_registry_split() -> None:
@@ -102,3 +104,12 @@ def test_auth_file() -> None:
 
 def test_max_ref() -> None:
     assert imageref.MAX_REF >= 255
+
+
+def test_store_names_with_a_registry_port() -> None:
+    for ok in ("127.0.0.1:5000/test/busybox", "localhost:5000/x:1", "reg.example:443/a/b:c"):
+        assert check_image_name(ok) == ok
+    for bad in ("a:b/c", ":5000/x", "127.0.0.1:5000/", "127.0.0.1:5000/x\n",
+                "127.0.0.1:/x", "Reg:5000/x"):
+        with pytest.raises(ProtoError):
+            check_image_name(bad)
