@@ -61,10 +61,13 @@ class ImageRef:
 
     @property
     def remote(self) -> str:
-        """The registry reference without transport, tag defaulted to ``latest``."""
+        """The registry reference without transport: ``NAME@DIGEST`` when pinned (skopeo
+        takes no tag and digest together; the digest decides), else ``NAME:TAG`` with
+        the tag defaulted to ``latest``."""
         name = f"{self.registry}/{self.repository}" if self.registry else self.repository
-        tag = self.tag if self.tag is not None or self.digest else "latest"
-        return name + (f":{tag}" if tag else "") + (f"@{self.digest}" if self.digest else "")
+        if self.digest:
+            return f"{name}@{self.digest}"
+        return f"{name}:{self.tag or 'latest'}"
 
     @property
     def skopeo(self) -> str:

@@ -90,6 +90,12 @@ async def test_pull_deploy_run(reglab, tmp_path: Path) -> None:
     info = await lab.call("node1", "images.inspect", {"image": REF})
     assert info["config_digest"] == layout.config_digest
     assert [x["diff_id"] for x in info["layers"]] == layout.diff_ids
+    # pinned by digest: the same image, named after the digest
+    pinned = f"127.0.0.1:{PORT}/test/busybox@{info['manifest_digest']}"
+    res = json.loads(cnvmctl("--json", "images", "pull", "--no-tls-verify", pinned).stdout)
+    assert res["full_id"] == info["id"]
+    short = info["manifest_digest"].removeprefix("sha256:")[:12]
+    assert f"127.0.0.1:{PORT}/test/busybox:sha256-{short}" in res["names"]
     # the staging dir (skopeo's layout, the auth file) is gone
     tmp = labpaths.node_state_dir(LAB, "node1") / "images" / "tmp"
     assert list(tmp.iterdir()) == []

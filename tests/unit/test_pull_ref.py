@@ -25,7 +25,7 @@ from proto.messages import ErrorCode, ProtoError
     ("docker://localhost/a/b-c__d.e", "localhost/a/b-c__d.e:latest", "localhost/a/b-c__d.e:latest"),
     ("reg.example:443/x@sha256:" + "a" * 64, "reg.example:443/x@sha256:" + "a" * 64,
      "reg.example:443/x:sha256-aaaaaaaaaaaa"),
-    ("x:t@sha256:" + "b" * 64, "x:t@sha256:" + "b" * 64, "x:t"),
+    ("x:t@sha256:" + "b" * 64, "x@sha256:" + "b" * 64, "x:t"),
 ])
 def test_registry_refs(ref: str, remote: str, name: str) -> None:
     r = parse(ref)
