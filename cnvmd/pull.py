@@ -57,6 +57,10 @@ DEFAULT_TIMEOUT = 1800.0
 POLL = 0.5
 """Seconds between checks of the staging directory (progress, size limit)."""
 OCI_TAG = "pulled"
+MAX_CONCURRENT = 4
+"""Pulls running at once on a node; more wait for a slot (each is a skopeo process
+and a staging copy of an image)."""
+_slots = asyncio.Semaphore(MAX_CONCURRENT)  # one daemon per process
 _LOGRUS = re.compile(r'level=\w+ msg="((?:[^"\\]|\\.)*)"')
 _CREDS = re.compile(r"[^:\s\0]{1,256}:[^\0\n]{0,4096}")
 
@@ -239,8 +243,12 @@ async def images_pull(ctx: Context, args: Args) -> dict[str, Any]:
     args.reject_unknown()
     if name is not None:
         check_image_name(name)
-    return await pull(ctx, ref, name=name, tls_verify=tls_verify,
-                      auth=auth_json(ref, creds, authfile), timeout=timeout)
+    auth = auth_json(ref, creds, authfile)
+    if _slots.locked():
+        ctx.progress("queued", message=f"{MAX_CONCURRENT} pulls are running; waiting")
+    async with _slots:
+        return await pull(ctx, ref, name=name, tls_verify=tls_verify, auth=auth,
+                          timeout=timeout)
 
 
 plugin = Plugin("pull", requires=("lifecycle",), router=router)
