@@ -23,7 +23,8 @@ configuration:
   /etc/cnvm/cnvmd.toml when it exists); options given here override it.
   Keys: node_name, state_dir, run_dir, socket_path, runc_root, runc, criu,
   listen_address, peer_port, vxlan_port, vni, subnet, gateway, netns_prefix,
-  cgroup_root, log_level (flat, or in [daemon]/[network]/[peers] tables).
+  cgroup_root, metrics_listen, image_pull_max_size, log_level, ... (flat, or in
+  [daemon]/[network]/[peers] tables).
 
 signals:
   SIGTERM, SIGINT  cancel in-flight requests, close the socket, exit 0

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import msgpack
 
+from cnvmd import metrics_hooks
 from proto.framing import (
     HEADER_SIZE,
     MAX_DEPTH,
@@ -796,6 +797,8 @@ class Session:
         finally:
             self._inflight.pop(req.id, None)
             self.last_active = time.monotonic()
+            metrics_hooks.observe_request(self.daemon, req.op, outcome,
+                                          time.perf_counter() - t0, self.node)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request", extra={"op": req.op, "outcome": outcome, "node": self.node,
                                             "ms": round((time.perf_counter() - t0) * 1e3, 3)})

@@ -64,6 +64,11 @@ class Config:
     image_max_layer_ratio: int = 100
     """Largest uncompressed:compressed ratio of a layer; a layer may always expand to
     64 MiB (small layers, tar padding). Both are enforced while the layer streams."""
+    image_pull_max_size: int = 16 << 30
+    """Bytes an `images pull` may download before skopeo is stopped."""
+    metrics_listen: str | bool = ""
+    """Prometheus endpoint (cnvmd.metrics): "" or false = off (default); true = on at
+    127.0.0.1:9464; "HOST:PORT", ":PORT" (localhost) or "[V6]:PORT"."""
     log_level: str = "info"
     fault_injection: bool = False
     """Accept the teleport op's test hooks (`hold`, `fail_restore`); test labs only."""

@@ -75,8 +75,10 @@ from proto.messages import ErrorCode, ProtoError, show
 CHUNK = 1 << 20
 # Patterns are used with fullmatch only: `$` would let a trailing newline through.
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-# Image names: docker-style references (lowercase repo path, optional :tag / @digest).
-_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
+# Image names: docker-style references (lowercase repo path, optional :tag), optionally
+# behind a `registry:port/` (a pulled image keeps its full reference as its name).
+_IMAGE_NAME = re.compile(r"(?:[a-z0-9][a-z0-9.-]{0,127}:[0-9]{1,5}/)?"
+                         r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
 
 MAX_LAYER_SIZE = 8 << 30
 """Default largest uncompressed layer (config `image_max_layer_size`)."""
@@ -693,7 +695,8 @@ class ImageStore:
         if not isinstance(ref, str) or not ref:
             raise _bad("an image name or id is required")
         for img in self._images.values():
-            if ref in img.names or (":" not in ref and f"{ref}:latest" in img.names):
+            if ref in img.names or (":" not in ref.rpartition("/")[2]
+                                    and f"{ref}:latest" in img.names):
                 return img
         key = ref.removeprefix("sha256:")
         if re.fullmatch(r"[0-9a-f]{4,64}", key):  # fullmatch: no trailing newline
@@ -872,12 +875,13 @@ class ImageStore:
 
 
 def _split_ref(path: str) -> tuple[Path, str | None]:
-    """`dir:tag` (skopeo's oci: syntax) when `dir:tag` itself does not exist."""
+    """`dir:tag` (skopeo's oci: syntax) when `dir:tag` itself does not exist; the
+    longest existing prefix wins, so a `docker save` tar takes `file:repo:tag`."""
     p = Path(path)
-    if not p.exists() and ":" in path:
-        base, _, ref = path.rpartition(":")
-        if base and Path(base).exists():
-            return Path(base), ref
+    cut = len(path)
+    while not p.exists() and (cut := path.rfind(":", 0, cut)) > 0:
+        if Path(path[:cut]).exists():
+            return Path(path[:cut]), path[cut + 1:]
     return p, None
 
 

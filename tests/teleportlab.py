@@ -120,6 +120,7 @@ class TeleLab:
         self.image = "busybox:latest"
         self.clients: list[Conn] = []
         self.daemons: dict[str, asyncio.subprocess.Process] = {}
+        self.extra_config = ""  # more cnvmd.toml lines for every node (e.g. metrics_listen)
 
     # ---- API
 
@@ -173,7 +174,7 @@ class TeleLab:
             f'runc_root = "{labpaths.node_runc_root(lab.name, node)}"\n'
             f'listen_address = "{lab.underlay_ip(node)}"\n'
             f'netns_prefix = "{lab.name}-{node}-"\ncgroup_root = "/cnvm-{lab.name}"\n'
-            f'fault_injection = true\n')
+            f'fault_injection = true\n' + self.extra_config)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         logf = os.open(run / "cnvmd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                        0o644)

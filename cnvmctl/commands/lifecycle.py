@@ -13,6 +13,7 @@ from cnvmctl.context import EXIT_USAGE, CliError, Ctx
 from cnvmctl.output import cell, print_kv, print_table, print_tree, size
 from cnvmctl.registry import arg, command, group
 from proto.client import Event
+from proto.imageref import looks_like_registry_ref
 
 group("images", help="import, list and remove images on a node")
 
@@ -23,6 +24,14 @@ def _absolute(path: str) -> str:
     if not os.path.exists(path) and ":" in path:
         path, _, ref = path.rpartition(":")
     return os.path.abspath(path) + (f":{ref}" if ref else "")
+
+
+def _not_a_registry_ref(path: str) -> None:
+    """`images import docker.io/library/busybox:latest`: point to `images pull`."""
+    if not os.path.exists(path) and not os.path.exists(path.rpartition(":")[0] or path) \
+            and looks_like_registry_ref(path):
+        raise CliError(f"{path}: no such file; to fetch it from a registry use "
+                       f"`cnvmctl images pull {path}`", EXIT_USAGE)
 
 
 @command("images import", help="import an OCI layout, oci-archive, docker-save or rootfs tar",
@@ -36,6 +45,7 @@ def _absolute(path: str) -> str:
                arg("--format", default="auto", choices=["auto", "oci", "docker", "rootfs"],
                    help="force the input format")])
 async def images_import(ctx: Ctx, a: argparse.Namespace) -> None:
+    _not_a_registry_ref(a.path)
     res = await ctx.call("images.import",
                          {"path": _absolute(a.path), "name": a.name, "format": a.format})
     ctx.output(res, lambda r: print(f"imported {', '.join(r['names']) or r['id']} "

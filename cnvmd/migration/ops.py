@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from cnvmd import criu
+from cnvmd import criu, metrics_hooks
 from cnvmd.api import Args, Context, Router
 from cnvmd.migration import link as links
 from cnvmd.migration import wire
@@ -169,7 +169,10 @@ async def teleport(ctx: Context, args: Args) -> dict[str, Any]:
         if lock.locked():
             raise ProtoError(ErrorCode.BUSY, f"{name} is busy with another operation")
         async with lock:
-            report = await tp.run()
+            try:
+                report = await tp.run()
+            finally:
+                metrics_hooks.teleport_finished(ctx.daemon, tp.report)
     finally:
         engine.outgoing.pop(name, None)
     return report.to_dict()

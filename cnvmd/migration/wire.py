@@ -37,7 +37,8 @@ NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 IMAGE_ID_RE = re.compile(r"[0-9a-f]{64}")
-IMAGE_NAME_RE = re.compile(
+IMAGE_NAME_RE = re.compile(  # as cnvmd.images._IMAGE_NAME
+    r"(?:[a-z0-9][a-z0-9.-]{0,127}:[0-9]{1,5}/)?"
     r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
