@@ -526,6 +526,9 @@ class Teleport:
             self.stack.done(Milestone.PAGE_RELAY)
 
         # ---- freeze and final copy
+        # The neighbours the target seeds its netns with, read while the cnvm still
+        # runs (a netlink dump, ~10 ms): one learnt in the last milliseconds is ARPed.
+        await self._grab_neighbors()
         await self.enter(Phase.FREEZE)
         t_freeze = self._t_freeze = time.monotonic()
         if self.opts.baseline:
@@ -588,9 +591,6 @@ class Teleport:
         them on demand. The order makes the unwind right: CRIU lets go first while
         the tasks stay frozen, then veth up + repair off, then thaw."""
         assert self.link is not None
-        t = time.monotonic()
-        await self._grab_neighbors()
-        self.timeline("source", "read neighbours", t)
         await self.effect(Effect.PAUSED)
         # The cgroup frozen directly, polled every millisecond: CRIU then finds it
         # frozen and skips its own freezer wait (100 ms steps, criu/seize.c).

@@ -465,27 +465,28 @@ class TargetSide:
         if msg.fail_restore and self.daemon.config.fault_injection:
             await asyncio.to_thread(_break_images, s.images)  # a real broken image set
         net = netmove.plumbing(self.daemon)
-        t = time.monotonic()
-        await self._lock_as_dumped(s)
-        mark("network lock as the dump made it", t)
-        t = time.monotonic()
-        await net.bring_up(s.name, s.net)
-        if msg.neighbors:
-            with contextlib.suppress(Exception):
-                await netmove.add_neighbors(s.netns_path, [n.to_wire() for n in msg.neighbors])
-        if msg.vteps:
-            mine = await asyncio.to_thread(_own_addresses)
-            try:
-                await netmove.learn_vteps({m: d for m, d in msg.vteps if d not in mine})
-            except Exception as exc:
-                log.warning("teleport %s: cannot learn neighbour VTEPs: %s", s.sid, exc)
-        mark("links up, neighbours, VTEPs", t)
-        s.stack.done(TStep.LINKS_UP)
-        work = s.work
-        if msg.lazy:
+
+        async def network() -> None:
             t = time.monotonic()
-            if TEffect.HELPERS not in s.stack:
-                await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
+            await self._lock_as_dumped(s)
+            mark("network lock as the dump made it", t)
+            t = time.monotonic()
+            await net.bring_up(s.name, s.net)
+            if msg.neighbors:
+                with contextlib.suppress(Exception):
+                    await netmove.add_neighbors(s.netns_path,
+                                                [n.to_wire() for n in msg.neighbors])
+            if msg.vteps:
+                mine = await asyncio.to_thread(_own_addresses)
+                try:
+                    await netmove.learn_vteps({m: d for m, d in msg.vteps if d not in mine})
+                except Exception as exc:
+                    log.warning("teleport %s: cannot learn neighbour VTEPs: %s", s.sid, exc)
+            mark("links up, neighbours, VTEPs", t)
+            s.stack.done(TStep.LINKS_UP)
+
+        async def lazy_daemon() -> None:
+            t = time.monotonic()
             link = links.PeerLink(self.daemon.services.require(PEERS), s.source)
             s.relay = await links.stream_relay(
                 link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire(), s.images)
@@ -505,10 +506,23 @@ class TargetSide:
             if s.lazy.returncode is not None:
                 raise _err(ErrorCode.FAILED, f"{self.node}: criu lazy-pages exited: "
                            + _tail(lazy_dir / "lazy-pages.log"))
-            work = lazy_dir
             timings["lazy_daemon"] = time.monotonic() - t0
             mark("start the lazy-pages daemon", t)
             s.stack.done(TStep.LAZY)
+
+        # The network handover and the lazy-pages daemon (its relay channel, a CRIU
+        # start) do not depend on each other: both run at once in the frozen window.
+        work = s.work
+        if msg.lazy:
+            if TEffect.HELPERS not in s.stack:
+                await s.stack.push(TEffect.HELPERS, TargetUndo(self, s.name, s.dir, s).helpers)
+            work = s.dir / "lazy"
+            got = await asyncio.gather(network(), lazy_daemon(), return_exceptions=True)
+            for res in got:
+                if isinstance(res, BaseException):
+                    raise res
+        else:
+            await network()
         pipe = await start_log_shim(paths.console_log)
         # the restored sockets' window probes tell which byte each client waits on
         cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
