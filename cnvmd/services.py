@@ -20,6 +20,7 @@ from proto.messages import ErrorCode, ProtoError
 
 if TYPE_CHECKING:
     from cnvmd.api import Router
+    from cnvmd.events import EventBus
     from cnvmd.lifecycle import Lifecycle
     from cnvmd.migration.ops import Teleports
     from cnvmd.network.service import Network
@@ -45,6 +46,7 @@ LIFECYCLE: Key[Lifecycle] = Key("lifecycle", "the lifecycle service")
 NETWORK: Key[Network] = Key("network", "the overlay network")
 PEERS: Key[PeerService] = Key("peers", "the peer mesh")
 TELEPORTS: Key[Teleports] = Key("teleports", "the teleport engine")
+EVENTS: Key[EventBus] = Key("events", "the event stream")
 
 
 class Services:
