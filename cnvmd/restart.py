@@ -321,8 +321,15 @@ async def start_supervisor(daemon: Any) -> None:
     life = daemon.services.require(LIFECYCLE)
     sup = Supervisor(life, daemon.services.get(EVENTS))
     life.supervisor = sup
-    sup.start()
     daemon.restart_supervisor = sup
+
+
+async def serve_supervisor(daemon: Any) -> None:
+    """Polling starts once every plug-in has started: teleport sessions a killed
+    daemon left are resolved by then (a cnvm they froze or dumped is not an exit)."""
+    sup = getattr(daemon, "restart_supervisor", None)
+    if sup is not None:
+        sup.start()
 
 
 async def stop_supervisor(daemon: Any) -> None:
@@ -332,4 +339,4 @@ async def stop_supervisor(daemon: Any) -> None:
 
 
 plugin = Plugin("restart", requires=("lifecycle", "events"), start=start_supervisor,
-                stop=stop_supervisor)
+                serve=serve_supervisor, stop=stop_supervisor)
