@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from cnvmd import bundle, events
 from cnvmd.runtime import RuncError
 from cnvmd.services import EVENTS, LIFECYCLE, Plugin
+from cnvmd.state import StateError
 from proto.messages import ErrorCode, ProtoError
 
 if TYPE_CHECKING:
@@ -121,6 +122,18 @@ def _zombies(pids: set[int]) -> set[int]:
     return out
 
 
+def _records(life: Lifecycle) -> dict[str, dict[str, Any]]:
+    """The cnvm records; a corrupt one is skipped here (`ls` shows it as such)."""
+    out: dict[str, dict[str, Any]] = {}
+    d = life.state.root / "cnvms"
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        with contextlib.suppress(StateError):
+            rec = life.state.load("cnvms", p.stem)
+            if rec is not None:
+                out[p.stem] = rec
+    return out
+
+
 class Supervisor:
     """Watches the node's cnvms and applies their restart policies (one per daemon)."""
 
@@ -200,9 +213,9 @@ class Supervisor:
         """Watch running cnvms we do not watch yet; act on exits nobody saw."""
         self._reap_orphans()
         life = self.life
-        recs = await asyncio.to_thread(life.state.list, "cnvms")
-        if not recs:
-            return
+        recs = await asyncio.to_thread(_records, life)
+        if not any(r.get("desired") in ("running", "restarting") for r in recs.values()):
+            return  # nothing to watch: no runc call
         by_id = {c.id: c for c in await life.runc.list()}
         for name, rec in recs.items():
             if life.lock(name).locked() or name in self._busy:
@@ -243,6 +256,8 @@ class Supervisor:
                 return
             await asyncio.sleep(delay)
             await self._restart(name)
+        except Exception:  # a corrupt record, runc gone...: the next poll tries again
+            log.exception("handling the exit of a cnvm failed", extra={"cnvm": name})
         finally:
             self._busy.discard(name)
 
