@@ -266,6 +266,10 @@ class Teleport:
 
     # ---- events and journal
 
+    def count_lazy(self, reader: Any) -> None:
+        """Show the lazy pages being served (counted for real at commit)."""
+        self._moving["pages-lazy"] = lambda: int(reader.n)
+
     def moved(self) -> int:
         """Every byte sent or received so far, also those of transfers in flight."""
         return self.wire + sum(f() for f in list(self._moving.values()))
@@ -833,6 +837,7 @@ class Teleport:
                 timeout=120)
             lazy = int(ans.get("relay_bytes", 0))  # lazy pages, pulled by the target
             self.wire += lazy
+            self._moving.pop("pages-lazy", None)
             if mode is Mode.POSTCOPY or mode is Mode.HYBRID:
                 self.report.rounds.append(RoundReport(
                     "lazy", lazy, self.report.phases.get("pages_after_restore", 0.0)))

@@ -190,9 +190,17 @@ async def test_policy_travels_with_a_teleport_and_survives_a_daemon_restart(hl: 
     tap1 = await Tap.start("node1", "--since", str(t_start))
     tap2 = await Tap.start("node2", "--since", str(t_start), "--filter", f"name={name}")
     try:
+        seen: list[dict[str, Any]] = []
         rep = await hl.call("node1", "teleport", {"name": name, "target": "node2",
-                                                  "mode": "postcopy"}, timeout=300)
+                                                  "mode": "postcopy"},
+                            on_event=lambda ev: seen.append(ev.data)
+                            if ev.name == "progress" else None, timeout=300)
         assert rep["ok"], rep
+        # the live view shows the lazy pages moving after the switchover
+        live = [d["done"] for d in seen if d.get("what") == "pages"]
+        assert live and max(live) >= anon // 2, (anon, live[-5:])
+        assert not [d for d in seen if isinstance(d.get("total"), int)
+                    and d.get("done", 0) > d["total"]]
         await tap1.until(lambda: "committed" in tap1.of(name, "teleport"))
         seq = tap1.of(name, "teleport")
         assert seq[0] == "start" and seq[-1] == "committed", seq
