@@ -269,6 +269,11 @@ async def test_rolled_back_teleport_reason_shows_in_the_human_history(hl: TeleLa
         ev = next(e for e in tap.events if e["action"] == "rolled_back")
         assert "fault injected after dumped" in ev["attrs"]["reason"], ev
         assert (await row(hl, "node1", name))["state"] == "running"
+        # membership events are kept too: node2 joined node1's cluster at lab start
+        out = await cli("node1", "events", "--json", "--since", "1h", "--no-follow",
+                        "--filter", "type=node")
+        nodes = [json.loads(ln) for ln in out.splitlines()]
+        assert any(e["action"] == "joined" and e["name"] == "node2" for e in nodes), nodes
     finally:
         await tap.close()
         with contextlib.suppress(ProtoError):
