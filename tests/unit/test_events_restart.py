@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,9 +13,10 @@ import pytest
 
 from cnvmctl.commands.events import format_event, parse_since
 from cnvmctl.context import CliError
-from cnvmd import events, restart
+from cnvmd import bundle, events, restart
 from cnvmd.api import Context, dispatch
 from cnvmd.migration.target import with_lazy_pages
+from cnvmd.runtime import ContainerState
 from cnvmd.services import EVENTS, Services
 from proto.messages import ErrorCode, ProtoError
 
@@ -168,3 +171,119 @@ def test_postcopy_history_gets_the_pages_fetched_after_the_switch():
     assert out[1]["rounds"][-1] == {"kind": "lazy", "bytes": 150 << 20, "seconds": 1.5}
     assert with_lazy_pages(out, 7) == out  # already counted (the source sent it)
     assert with_lazy_pages(reports, 0) == reports
+
+
+class FakeRunc:
+    def __init__(self) -> None:
+        self.states: dict[str, ContainerState] = {}
+
+    async def state(self, cid: str) -> ContainerState | None:
+        return self.states.get(cid)
+
+    async def destroy(self, cid: str) -> None:
+        self.states.pop(cid, None)
+
+    async def list(self) -> list[ContainerState]:
+        return list(self.states.values())
+
+
+class FakeLife:
+    """What the supervisor uses of Lifecycle: records, locks, runc, restart."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.recs: dict[str, dict[str, Any]] = {}
+        self.runc = FakeRunc()
+        self.tmp = tmp
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.pid = 1000
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def record(self, name: str) -> dict[str, Any] | None:
+        r = self.recs.get(name)
+        return dict(r) if r is not None else None
+
+    async def save_record(self, name: str, rec: dict[str, Any]) -> None:
+        self.recs[name] = dict(rec)
+
+    def paths(self, name: str) -> Any:
+        return bundle.bundle_paths(self.tmp, name)
+
+    async def restart_in_place(self, name: str, rec: dict[str, Any]) -> ContainerState:
+        self.pid += 1
+        st = ContainerState(name, self.pid, "running", "", "")
+        self.runc.states[name] = st
+        rec["desired"], rec["started_at"] = "running", time.time()
+        return st
+
+
+def _sup(tmp: Path, policy: str) -> tuple[restart.Supervisor, FakeLife, events.EventBus]:
+    life = FakeLife(tmp)
+    life.recs["c"] = {"name": "c", "desired": "running", "restart": policy, "restarts": 0,
+                      "started_at": time.time()}
+    bus = events.EventBus("n")
+    sup = restart.Supervisor(life, bus)  # type: ignore[arg-type]
+    sup.watch = lambda name, pid: None  # type: ignore[method-assign]  # no real pidfds
+    return sup, life, bus
+
+
+async def exit_once(sup: restart.Supervisor, life: FakeLife, code: int | None) -> None:
+    life.runc.states.pop("c", None)
+    await sup.handle_exit("c", life.pid, code, time.time())
+
+
+async def test_on_failure_restarts_n_times_with_growing_backoff(tmp_path: Path):
+    sup, life, bus = _sup(tmp_path, "on-failure:2")
+    for _ in range(3):
+        await exit_once(sup, life, 1)
+    rec = life.recs["c"]
+    assert rec["desired"] == "exited" and rec["exit_code"] == 1 and rec["restarts"] == 2
+    assert [e.action for e in bus.recent()] == ["die", "restart", "die", "restart", "die"]
+    assert [e.attrs["delay"] for e in bus.recent() if e.action == "restart"] == [0.1, 0.2]
+
+
+async def test_no_policy_and_exit_0_under_on_failure_end_it(tmp_path: Path):
+    for policy, code in (("no", 3), ("on-failure", 0)):
+        sup, life, _ = _sup(tmp_path, policy)
+        await exit_once(sup, life, code)
+        assert life.recs["c"]["desired"] == "exited" and life.recs["c"]["restarts"] == 0
+
+
+async def test_a_user_stop_during_the_backoff_wins(tmp_path: Path):
+    sup, life, bus = _sup(tmp_path, "always")
+    task = asyncio.ensure_future(exit_once(sup, life, 0))
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        if life.recs["c"]["desired"] == "restarting":
+            break
+    async with life.lock("c"):  # what `stop` does under the lock
+        life.recs["c"]["desired"] = "stopped"
+    await task
+    assert life.recs["c"]["desired"] == "stopped" and life.recs["c"]["restarts"] == 0
+    assert [e.action for e in bus.recent()] == ["die"]
+
+
+async def test_an_exit_under_a_held_lock_waits_and_respects_the_outcome(tmp_path: Path):
+    """A teleport holds the lock while CRIU ends the source's tasks, then drops the
+    record: that exit is no exit of the cnvm. A user stop likewise."""
+    sup, life, bus = _sup(tmp_path, "always")
+    async with life.lock("c"):
+        task = asyncio.ensure_future(exit_once(sup, life, 137))
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        del life.recs["c"]
+    await task
+    assert bus.recent() == []
+    sup, life, bus = _sup(tmp_path, "always")
+    life.recs["c"]["desired"] = "stopped"
+    await exit_once(sup, life, 143)
+    assert bus.recent() == [] and life.recs["c"]["desired"] == "stopped"
+
+
+async def test_a_cnvm_running_again_is_left_alone(tmp_path: Path):
+    """A teleport's rollback restored it (a new pid): the old pid's exit is stale."""
+    sup, life, bus = _sup(tmp_path, "always")
+    life.runc.states["c"] = ContainerState("c", 5555, "running", "", "")
+    await sup.handle_exit("c", 1234, 137, time.time())
+    assert bus.recent() == [] and life.recs["c"]["desired"] == "running"
