@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cnvmd import bundle, proc, restart, seccomp
 from cnvmd.api import Args, Context, Router
@@ -37,6 +37,9 @@ from cnvmd.runtime import ContainerState, LogPipe, Runc, RuncError, start_log_sh
 from cnvmd.services import EVENTS, LIFECYCLE, NETWORK, Plugin
 from cnvmd.state import StateStore
 from proto.messages import EVT_PROGRESS, ErrorCode, ProtoError
+
+if TYPE_CHECKING:
+    from cnvmd.events import EventBus
 
 KIND = "cnvms"
 EVT_OUTPUT = "output"
@@ -132,8 +135,8 @@ class Lifecycle:
         self._network = network or LocalNetns(f"cnvm-{_safe(node)}-")
         self._network_lookup = network_lookup  # () -> Network | None, checked per call
         self._locks: dict[str, asyncio.Lock] = {}
-        self.events: Any = None  # cnvmd.events.EventBus (EVENTS), when the daemon has one
-        self.supervisor: Any = None  # cnvmd.restart.Supervisor: told of each (re)start
+        self.events: EventBus | None = None  # the EVENTS service, when the daemon has one
+        self.supervisor: restart.Supervisor | None = None  # told of each (re)start
 
     @property
     def network(self) -> Network:
