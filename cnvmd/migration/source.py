@@ -287,7 +287,7 @@ class Teleport:
         last = -1
         while True:
             await asyncio.sleep(0.25)
-            if self._moving:
+            if self._moving and self.phase is not Phase.PRECOPY:  # that one: per round
                 n = self.moved()
                 if n != last:
                     last = n
