@@ -210,24 +210,27 @@ class Supervisor:
             await asyncio.sleep(POLL)
 
     async def poll(self) -> None:
-        """Watch running cnvms we do not watch yet; act on exits nobody saw."""
+        """Watch running cnvms we do not watch yet; act on exits nobody saw.
+
+        A watched cnvm costs nothing here (its pidfd tells its exit), so in the steady
+        state this runs no runc at all: only a cnvm that arrived (teleport), was
+        adopted, or whose exit happened while the daemon was down is looked up."""
         self._reap_orphans()
         life = self.life
         recs = await asyncio.to_thread(_records, life)
-        if not any(r.get("desired") in ("running", "restarting") for r in recs.values()):
-            return  # nothing to watch: no runc call
-        by_id = {c.id: c for c in await life.runc.list()}
         for name, rec in recs.items():
-            if life.lock(name).locked() or name in self._busy:
-                continue
-            c = by_id.get(rec.get("runc_id", name))
             desired = rec.get("desired")
+            if (desired not in ("running", "restarting") or name in self._watch
+                    or name in self._busy or life.lock(name).locked()):
+                continue
+            c = await life.runc.state(rec.get("runc_id", name))
+            if life.lock(name).locked():
+                continue  # an op began meanwhile: it decides
             if c is not None and c.status in ("running", "paused", "created") and c.pid:
-                if desired in ("running", "restarting"):
+                if desired == "running":
                     self.watch(name, c.pid)
                 continue
-            if desired == "restarting" or (desired == "running" and name not in self._watch):
-                self._spawn(self.handle_exit(name, None, None, time.time()))
+            self._spawn(self.handle_exit(name, None, None, time.time()))
 
     def _reap_orphans(self) -> None:
         """Zombies of orphans we inherited as subreaper and nobody waits for (seen
@@ -265,7 +268,15 @@ class Supervisor:
                           at: float) -> float | None:
         """Record the exit; the backoff delay if the policy restarts it, else None."""
         life = self.life
-        async with life.lock(name):
+        lock = life.lock(name)
+        # Wait out a user op or a teleport, then see what it left without holding the
+        # lock: a `stop` followed by a `teleport` must not find the cnvm busy with us.
+        async with lock:
+            pass
+        rec = await life.record(name)
+        if rec is None or rec.get("desired") not in ("running", "restarting"):
+            return None
+        async with lock:
             rec = await life.record(name)
             if rec is None:
                 return None
