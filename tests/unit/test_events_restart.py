@@ -287,3 +287,34 @@ async def test_a_cnvm_running_again_is_left_alone(tmp_path: Path):
     life.runc.states["c"] = ContainerState("c", 5555, "running", "", "")
     await sup.handle_exit("c", 1234, 137, time.time())
     assert bus.recent() == [] and life.recs["c"]["desired"] == "running"
+
+
+async def test_poll_looks_up_only_unwatched_cnvms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Watched cnvms cost no runc call; an arrival gets watched; a cnvm recorded as
+    running without a container (it exited while the daemon was down) is handled."""
+    monkeypatch.setattr(restart, "_records", lambda life: life.recs)
+    sup, life, bus = _sup(tmp_path, "no")
+    life.recs["arrived"] = {"name": "arrived", "desired": "running"}
+    life.recs["gone"] = {"name": "gone", "desired": "running", "restart": "no",
+                         "started_at": time.time()}
+    life.recs["off"] = {"name": "off", "desired": "stopped"}
+    life.runc.states["arrived"] = ContainerState("arrived", 4321, "running", "", "")
+    watched: list[tuple[str, int]] = []
+    sup.watch = lambda name, pid: watched.append((name, pid))  # type: ignore[method-assign]
+    sup._watch["c"] = (life.pid, -1)  # already followed by its pidfd
+    asked: list[str] = []
+    real_state = life.runc.state
+
+    async def state(cid: str) -> ContainerState | None:
+        asked.append(cid)
+        return await real_state(cid)
+
+    life.runc.state = state  # type: ignore[method-assign]
+    await sup.poll()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert watched == [("arrived", 4321)]
+    assert "c" not in asked and "off" not in asked
+    assert life.recs["gone"]["desired"] == "exited" and life.recs["gone"]["exit_code"] is None
+    assert [(e.action, e.name) for e in bus.recent()] == [("die", "gone")]
+    sup._watch.clear()
