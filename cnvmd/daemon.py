@@ -118,8 +118,9 @@ def sd_notify(state: str) -> bool:
 
 # --------------------------------------------------------------------------- plug-ins
 
-PLUGIN_MODULES = ("cnvmd.core", "cnvmd.inventory", "cnvmd.lifecycle", "cnvmd.network.ops",
-                  "cnvmd.peers.ops", "cnvmd.migration.ops", "cnvmd.pull", "cnvmd.metrics")
+PLUGIN_MODULES = ("cnvmd.core", "cnvmd.events", "cnvmd.inventory", "cnvmd.lifecycle",
+                  "cnvmd.restart", "cnvmd.network.ops", "cnvmd.peers.ops",
+                  "cnvmd.migration.ops", "cnvmd.pull", "cnvmd.metrics")
 """The daemon's subsystems. Each module defines ``plugin = Plugin(...)``; the start
 order comes from their declared ``requires``, not from this list."""
 

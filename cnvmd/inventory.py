@@ -8,7 +8,9 @@ restart, cnvms keep running and are managed again without being touched.
 
 Record fields read here (all optional; the record's name is the cnvm name):
 ``runc_id`` (default: the name), ``image``, ``ip``, ``memory`` (bytes), ``desired``
-("running" | "stopped": with no container, "running" shows as ``missing``). Other
+("running" | "stopped" | "exited" | "restarting": with no container, "running"
+shows as ``missing``, "exited" as ``exited (CODE)``), ``restart``/``restarts``/
+``exit_code``/``exited_at`` (cnvmd.restart). Other
 fields are passed through by ``inspect``. Lifecycle code adds columns by extending
 `summarize`.
 """
@@ -104,7 +106,7 @@ def summarize(daemon: Daemon, name: str, rec: dict[str, Any] | None,
         state = str(c.get("status", "unknown"))
         pid = c.get("pid") or None
     else:
-        state = "missing" if rec.get("desired") == "running" else "stopped"
+        state = _ended_state(rec)
     a = daemon.adopted.get(cid)
     created = c.get("created") if c else None
     # Uptime counts from the last (re)start, which the record keeps and a teleport
@@ -123,7 +125,22 @@ def summarize(daemon: Daemon, name: str, rec: dict[str, Any] | None,
         "node": daemon.node_name,
         "created": created,
         "uptime": round(time.time() - t0, 1) if t0 and state == "running" else None,
+        "restart": rec.get("restart") or "no",
+        "restarts": int(rec.get("restarts") or 0),
+        "exit_code": rec.get("exit_code"),
+        "exited_at": rec.get("exited_at"),
     }
+
+
+def _ended_state(rec: dict[str, Any]) -> str:
+    """A cnvm without a live container: what its record says happened (cnvmd.restart)."""
+    desired = rec.get("desired")
+    if desired == "exited":
+        code = rec.get("exit_code")
+        return f"exited ({code if code is not None else '?'})"
+    if desired == "restarting":
+        return "restarting"
+    return "missing" if desired == "running" else "stopped"
 
 
 async def snapshot(daemon: Daemon) -> list[CnvmSummary]:

@@ -28,15 +28,18 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cnvmd import bundle, proc, seccomp
+from cnvmd import bundle, proc, restart, seccomp
 from cnvmd.api import Args, Context, Router
 from cnvmd.images import ImageStore
-from cnvmd.runtime import LogPipe, Runc, RuncError, start_log_shim
-from cnvmd.services import LIFECYCLE, NETWORK, Plugin
+from cnvmd.runtime import ContainerState, LogPipe, Runc, RuncError, start_log_shim
+from cnvmd.services import EVENTS, LIFECYCLE, NETWORK, Plugin
 from cnvmd.state import StateStore
 from proto.messages import EVT_PROGRESS, ErrorCode, ProtoError
+
+if TYPE_CHECKING:
+    from cnvmd.events import EventBus
 
 KIND = "cnvms"
 EVT_OUTPUT = "output"
@@ -134,6 +137,8 @@ class Lifecycle:
         self._network = network or LocalNetns(f"cnvm-{_safe(node)}-")
         self._network_lookup = network_lookup  # () -> Network | None, checked per call
         self._locks: dict[str, asyncio.Lock] = {}
+        self.events: EventBus | None = None  # the EVENTS service, when the daemon has one
+        self.supervisor: restart.Supervisor | None = None  # told of each (re)start
 
     @property
     def network(self) -> Network:
@@ -190,7 +195,7 @@ class Lifecycle:
     async def deploy(self, name: str, image: str, *, hostname: str | None = None,
                      ip: str | None = None, memory: Any = None, cpus: Any = None,
                      env: Any = None, cmd: list[str] | None = None,
-                     security_opt: Any = None,
+                     security_opt: Any = None, restart_policy: Any = None,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Create and start a cnvm; on any failure undo everything it made.
 
@@ -206,6 +211,7 @@ class Lifecycle:
         ncpu = bundle.parse_cpus(cpus) if cpus not in (None, "") else None
         envd = bundle.parse_env(env)
         secopt = seccomp.parse_security_opt(security_opt)
+        policy = restart.parse_policy(restart_policy)
         img = self.images.resolve(image)
         async with self.lock(name):
             if await self.record(name) is not None or await self.runc.state(name) is not None:
@@ -219,6 +225,7 @@ class Lifecycle:
                 "image": img.names[0] if img.names else img.short_id, "image_id": img.id,
                 "hostname": hostname, "ip": ip, "memory": mem, "cpus": ncpu, "env": envd,
                 "cmd": list(cmd or []), "security_opt": list(secopt),
+                "restart": str(policy), "restarts": 0,
                 "desired": "creating", "created_at": time.time(),
                 "bundle": str(self.paths(name).dir), "log": str(self.paths(name).console_log),
             }
@@ -237,13 +244,14 @@ class Lifecycle:
                     annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
                     **self._policy(rec))
                 step("start")
-                await self._run(name)
+                st = await self._run(name)
                 rec["desired"] = "running"
                 rec["started_at"] = time.time()
                 await self._save(name, rec)
             except BaseException:
                 await asyncio.shield(self._teardown(name, rec))
                 raise
+            self._started("deploy", name, st, image=rec["image"], restart=rec["restart"])
         return self._summary(rec)
 
     async def mount_arriving(self, name: str, image_id: str) -> None:
@@ -310,11 +318,34 @@ class Lifecycle:
             cfg["linux"]["cgroupsPath"] = cgroups_path
         await bundle.write_config(paths, cfg)
 
-    async def _run(self, name: str) -> None:
+    def _emit(self, action: str, name: str, **attrs: Any) -> None:
+        if self.events is not None:
+            self.events.emit("cnvm", action, name, **attrs)
+
+    def _started(self, action: str, name: str, st: ContainerState, **attrs: Any) -> None:
+        """A cnvm's init runs as `st.pid`: the exit watcher follows it; emit `action`."""
+        if self.supervisor is not None and st.pid:
+            self.supervisor.watch(name, st.pid)
+        self._emit(action, name, pid=st.pid, **attrs)
+
+    async def restart_in_place(self, name: str, rec: dict[str, Any]) -> ContainerState:
+        """Start an exited cnvm again from its bundle (restart policy; lock held)."""
+        await self.runc.destroy(name)
+        img = self.images.resolve(rec["image_id"])
+        net = await _net_call(self.network.attach(name, ip=rec.get("ip"), record=rec))
+        rec["netns"] = net["netns"]
+        paths = self.paths(name)
+        await bundle.mount_rootfs(paths, img.layer_dirs)
+        st = await self._run(name)
+        rec["desired"] = "running"
+        rec["started_at"] = time.time()
+        return st
+
+    async def _run(self, name: str) -> ContainerState:
         paths = self.paths(name)
         pipe = await _log_shim(paths.console_log)
         try:
-            await self.runc.run(name, paths.dir, stdio=pipe.write_fd)
+            return await self.runc.run(name, paths.dir, stdio=pipe.write_fd)
         except RuncError as exc:
             raise _err(ErrorCode.FAILED, str(exc), name=name) from None
         finally:
@@ -341,6 +372,7 @@ class Lifecycle:
             rec["desired"] = "stopped"
             rec["stopped_at"] = time.time()
             await self._save(name, rec)
+        self._emit("stop", name)
         return self._summary(rec)
 
     async def _stop(self, name: str, timeout: float) -> None:
@@ -374,13 +406,15 @@ class Lifecycle:
             paths = self.paths(name)
             await bundle.mount_rootfs(paths, img.layer_dirs)
             try:
-                await self._run(name)
+                st = await self._run(name)
             except BaseException:
                 await bundle.unmount_rootfs(paths)
                 raise
             rec["desired"] = "running"
             rec["started_at"] = time.time()
+            rec["restarts"] = 0  # as `docker start`: the policy's count starts over
             await self._save(name, rec)
+        self._started("start", name, st)
         return self._summary(rec)
 
     async def rm(self, name: str, *, force: bool = False) -> dict[str, Any]:
@@ -398,6 +432,7 @@ class Lifecycle:
             # the CRIU/runc logs of its last teleports (cnvmd.migration.report.keep_logs)
             await asyncio.to_thread(shutil.rmtree,
                                     self.cnvms_dir.parent / "teleport-logs" / name, True)
+        self._emit("rm", name)
         return {"name": name, "removed": True}
 
     # ---- exec / logs
@@ -443,7 +478,7 @@ class Lifecycle:
 
     def _summary(self, rec: dict[str, Any]) -> dict[str, Any]:
         keys = ("name", "node", "image", "image_id", "hostname", "ip", "memory", "cpus",
-                "security_opt", "netns", "desired", "bundle", "log")
+                "security_opt", "netns", "desired", "bundle", "log", "restart")
         return {k: rec.get(k) for k in keys}
 
 
@@ -512,6 +547,7 @@ async def start_lifecycle(daemon: Any) -> None:
                      network_lookup=lambda: daemon.services.get(NETWORK),
                      no_new_privileges=cfg.cnvm_no_new_privileges,
                      oom_score_adj=cfg.cnvm_oom_score_adj, cgroup_root=cfg.cgroup_root)
+    life.events = daemon.services.get(EVENTS)
     daemon.services.provide(LIFECYCLE, life)
 
 
@@ -571,6 +607,7 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
     env = args.argv("env", [])  # argv rules: no NUL, what execve() would accept
     cmd = args.argv("cmd", [])
     security_opt = args.list("security_opt", [])
+    restart_policy = args.str("restart", None, max_len=20)
     args.reject_unknown()
     t0 = time.monotonic()
 
@@ -579,7 +616,7 @@ async def deploy(ctx: Context, args: Args) -> dict[str, Any]:
 
     return await _svc(ctx).deploy(name, image, hostname=hostname, ip=ip, memory=memory,
                                   cpus=cpus, env=env, cmd=cmd, security_opt=security_opt,
-                                  progress=progress)
+                                  restart_policy=restart_policy, progress=progress)
 
 
 @router.op("stop")
@@ -638,4 +675,4 @@ async def logs(ctx: Context, args: Args) -> dict[str, Any]:
     return {"name": name, "data": "", "ended": "the cnvm left this node"}
 
 
-plugin = Plugin("lifecycle", router=router, start=start_lifecycle)
+plugin = Plugin("lifecycle", requires=("events",), router=router, start=start_lifecycle)

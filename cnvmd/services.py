@@ -20,6 +20,7 @@ from proto.messages import ErrorCode, ProtoError
 
 if TYPE_CHECKING:
     from cnvmd.api import Router
+    from cnvmd.events import EventBus
     from cnvmd.lifecycle import Lifecycle
     from cnvmd.metrics import Metrics
     from cnvmd.migration.ops import Teleports
@@ -47,6 +48,7 @@ NETWORK: Key[Network] = Key("network", "the overlay network")
 PEERS: Key[PeerService] = Key("peers", "the peer mesh")
 TELEPORTS: Key[Teleports] = Key("teleports", "the teleport engine")
 METRICS: Key[Metrics] = Key("metrics", "the metrics endpoint")
+EVENTS: Key[EventBus] = Key("events", "the event stream")
 
 
 class Services:

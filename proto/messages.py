@@ -233,6 +233,10 @@ class CnvmSummary(TypedDict, total=False):
     node: str
     created: str | None  # runc's creation time (RFC 3339)
     uptime: float | None  # seconds since creation while running
+    restart: str  # restart policy: no | always | on-failure[:N]
+    restarts: int  # restarts made by the policy since the last deploy/start
+    exit_code: int | None  # of the last exit of its init (None: unknown or none yet)
+    exited_at: float | None  # epoch seconds of that exit
 
 
 class StatusResult(TypedDict, total=False):

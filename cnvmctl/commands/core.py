@@ -74,7 +74,7 @@ def _state(r: dict[str, Any]) -> str:
 
 
 LS_COLUMNS = [("NAME", "name"), ("STATE", "state"), ("PID", "pid"), ("IMAGE", "image"),
-              ("IP", "ip"), ("MEMORY", "memory"), ("UPTIME", "uptime")]
+              ("IP", "ip"), ("MEMORY", "memory"), ("UPTIME", "uptime"), ("RESTARTS", "restarts")]
 
 
 def render_ls(rows: list[dict[str, Any]]) -> None:
@@ -89,16 +89,26 @@ def render_ls(rows: list[dict[str, Any]]) -> None:
                      "STATE notes: 'adopted' = already running when this daemon started "
                      "(it took it over);\n'unmanaged' = a container in the daemon's runc root "
                      "without a cnvm record;\n'missing' = recorded as running but no container "
-                     "exists.")
+                     "exists;\n'exited (N)' = its process exited with status N and its restart "
+                     "policy\nleft it so; 'restarting' = waiting out the restart backoff. "
+                     "RESTARTS counts the\npolicy's restarts since the last deploy/start.")
 async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
     ctx.output(await ctx.call("ls"), render_ls)
+
+
+def _exited(r: dict[str, Any]) -> str:
+    at = datetime.datetime.fromtimestamp(float(r["exited_at"]), datetime.UTC)
+    code = r.get("exit_code")
+    return f"{at:%Y-%m-%d %H:%M:%S}Z, exit code {code if code is not None else 'unknown'}"
 
 
 def render_inspect(r: dict[str, Any]) -> None:
     created = r.get("created")
     print_kv([("name", r.get("name")), ("state", _state(r)), ("pid", r.get("pid")),
               ("node", r.get("node")), ("image", r.get("image")), ("ip", r.get("ip")),
-              ("created", created), ("uptime", duration(r.get("uptime")))])
+              ("created", created), ("uptime", duration(r.get("uptime"))),
+              ("restart", f"{r.get('restart') or 'no'} ({r.get('restarts') or 0} restarts)"),
+              *([("exited", _exited(r))] if r.get("exited_at") else [])])
     adoption = r.get("adoption")
     if adoption:
         at = datetime.datetime.fromtimestamp(adoption["at"], datetime.UTC)

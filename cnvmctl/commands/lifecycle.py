@@ -106,7 +106,7 @@ def _cnvm(r: dict[str, Any]) -> None:
               ("memory", size(r["memory"]) if r.get("memory") else "-"),
               ("cpus", cell(r.get("cpus"))),
               ("sandbox", ", ".join(r.get("security_opt") or []) or "default"),
-              ("netns", r.get("netns"))])
+              ("netns", r.get("netns")), ("restart", r.get("restart") or "no")])
 
 
 @command("deploy", help="deploy a cnvm from an image and start it",
@@ -134,6 +134,10 @@ def _cnvm(r: dict[str, Any]) -> None:
                    dest="security_opt",
                    help="loosen or tighten the sandbox (repeatable): seccomp=unconfined, "
                         "no-new-privileges=true|false"),
+               arg("--restart", default="no", metavar="POLICY",
+                   help="restart policy when its process exits: no (default), always, "
+                        "on-failure[:N] (at most N restarts); kept across teleports and "
+                        "daemon restarts; `stop` never restarts"),
                arg("cmd", nargs="*", metavar="CMD",
                    help="command to run instead of the image's")])
 async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
@@ -142,7 +146,8 @@ async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
         res = await ctx.call("deploy", {"name": a.name, "image": a.image,
                                         "hostname": a.hostname, "ip": a.ip,
                                         "memory": a.memory, "cpus": a.cpus, "env": a.env,
-                                        "security_opt": a.security_opt, "cmd": cmd},
+                                        "security_opt": a.security_opt, "cmd": cmd,
+                                        "restart": a.restart},
                             on_event=p.on_event)
     ctx.output(res, _cnvm)
 

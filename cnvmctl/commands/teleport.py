@@ -98,6 +98,13 @@ async def teleport(ctx: Ctx, a: argparse.Namespace) -> int | None:
 
 
 @command("teleports", help="show the kept teleport reports of a cnvm",
+         description="The last 10 teleports of cnvm NAME as this node keeps them: the source "
+                     "and the target\nboth keep an entry (the target's history travels "
+                     "with the cnvm). WIRE counts every byte\nmoved, with the memory pages a "
+                     "postcopy target fetched after the switchover. A failed\nor rolled-back "
+                     "teleport's reason follows the table; --json has the full reports\n"
+                     "(rounds, phases, timeline).",
+         epilog="example: cnvmctl teleports web   (on either node)",
          args=[arg("name", metavar="NAME")])
 async def teleports(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("teleport.reports", {"name": a.name})
@@ -118,5 +125,8 @@ async def teleports(ctx: Ctx, a: argparse.Namespace) -> None:
         print_table(rows, [("WHEN (UTC)", "when"), ("FROM", "from"), ("TO", "to"),
                            ("MODE", "mode"), ("FROZEN", "frozen"), ("TOTAL", "total"),
                            ("WIRE", "wire"), ("RESULT", "ok")])
+        for row, x in zip(rows, r["reports"], strict=True):
+            if x.get("error"):
+                print(f"{row['when']} {row['ok']}: {x['error']}")
 
     ctx.output(res, human)

@@ -9,6 +9,7 @@ asyncssh details (windows, channel errors) inside `cnvmd.peers`.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,20 @@ async def stream_relay(link: PeerLink, args: dict[str, Any],
     else:
         relay = TcpRelay(lambda: link.open_stream(args), f"{link.node} {args}")
     return await relay.start("127.0.0.1", 0)
+
+
+class CountingReader:
+    """A StreamReader's `read` that counts what passes (the live view of the lazy
+    pages a postcopy source serves: CRIU moves them, not the engine)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.n = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.reader.read(n)
+        self.n += len(data)
+        return data
 
 
 def free_port() -> int:

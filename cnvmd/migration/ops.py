@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 from cnvmd import criu, metrics_hooks
 from cnvmd.api import Args, Context, Router
@@ -123,7 +123,10 @@ async def serve_data(stream: Any, args: dict[str, Any]) -> None:
         except OSError as exc:
             raise ProtoError(ErrorCode.UNAVAILABLE, f"lazy page server: {exc}") from None
         await stream.write_frame({"ok": True})
-        await splice(stream, reader, writer, clean_eof=lambda: t.switched)
+        counted = links.CountingReader(reader)
+        t.count_lazy(counted)
+        await splice(stream, cast(asyncio.StreamReader, counted), writer,
+                     clean_eof=lambda: t.switched)
         return
     await engine.target.serve_data(stream, hdr, stream.node)
 

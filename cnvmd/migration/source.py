@@ -36,13 +36,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnvmd import criu, netlink, proc
+from cnvmd import criu, events, netlink, proc
 from cnvmd.migration import journal, netmove, precopy, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.policy import Convergence, Decision, Mode, ModeUnavailable, choose_mode
 from cnvmd.migration.report import (
     DUMP_STAGES,
-    KIND_REPORTS,
     RoundReport,
     Step,
     TeleportReport,
@@ -255,12 +254,45 @@ class Teleport:
         self._t_freeze: float | None = None  # monotonic: the frozen window's start
         self._t_criu: float | None = None  # when the final CRIU run was started
         self._held = 0.0  # test-hook sleeps inside the frozen window (not frozen time)
+        # The live view: bytes in flight (streams, page relays) not yet in self.wire,
+        # what had moved when the phase began, and what the phase should move.
+        self._moving: dict[str, Callable[[], int]] = {}
+        self._phase_wire = 0
+        self._phase_total: int | None = None
 
     @property
     def switched(self) -> bool:
         return self.phase in (Phase.SWITCHED, Phase.COMMIT, Phase.DONE)
 
     # ---- events and journal
+
+    def count_lazy(self, reader: Any) -> None:
+        """Show the lazy pages being served (counted for real at commit)."""
+        self._moving["pages-lazy"] = lambda: int(reader.n)
+
+    def moved(self) -> int:
+        """Every byte sent or received so far, also those of transfers in flight."""
+        return self.wire + sum(f() for f in list(self._moving.values()))
+
+    def tick(self, what: str | None = None) -> None:
+        """Progress of the phase: the bytes that moved in it (pages, files, trees) of
+        its expected total (never below what moved)."""
+        done = self.moved() - self._phase_wire
+        total = self._phase_total
+        self.emit_progress(done=done, total=max(total, done) if total else None,
+                           unit="bytes", what=what)
+
+    async def _ticker(self) -> None:
+        """While a page relay runs (its bytes come from CRIU, not from us), show it."""
+        last = -1
+        while True:
+            await asyncio.sleep(0.25)
+            if self._moving and self.phase is not Phase.PRECOPY:  # that one: per round
+                n = self.moved()
+                if n != last:
+                    last = n
+                    self.tick("pages" if any(k.startswith("pages") for k in self._moving)
+                              else None)
 
     def emit_progress(self, **data: Any) -> None:
         data.setdefault("phase", str(self.phase))
@@ -272,10 +304,12 @@ class Teleport:
         self.report.phases[str(self.phase)] = round(
             self.report.phases.get(str(self.phase), 0.0) + now - self._phase_t, 4)
         self.phase, self._phase_t = phase, now
+        self._phase_wire, self._phase_total = self.moved(), None
         self.j.phase = str(phase)
         if await asyncio.to_thread(self.dir.is_dir):
             await asyncio.to_thread(journal.save, self.dir, self.j)
         self.emit_progress(phase=str(phase))
+        events.emit(self.daemon, "teleport", "phase", self.name, phase=str(phase), sid=self.sid)
         await self._hold(str(phase))
 
     async def _journal_effects(self, effects: list[str]) -> None:
@@ -327,37 +361,37 @@ class Teleport:
         self.wire += n
         return n
 
-    async def send_tree(self, what: wire.DataKind, src: Path, snapshot: Path,
-                        total: int = 0) -> int:
+    async def send_tree(self, what: wire.DataKind, src: Path, snapshot: Path) -> int:
         sent = 0
-        t0 = time.monotonic()
+        key = f"{what}-{id(src)}-{time.monotonic()}"
 
         async def produce(stream: Any) -> None:
-            nonlocal sent
-
             async def sink(data: bytes) -> None:
                 nonlocal sent
                 await stream.write(data)
                 sent += len(data)
-                dt = time.monotonic() - t0
-                rate = sent / dt if dt > 0 else 0
-                eta = (total - sent) / rate if rate and total > sent else 0
-                self.emit_progress(done=sent, total=total or None, unit="bytes",
-                                   rate=round(rate), eta=round(eta, 2), what=str(what))
+                self.tick(str(what))
 
             if what is wire.DataKind.IMAGES:  # plain tar: keep the pages already there
                 await pack_plain(src, sink)
             else:
                 await treesync.pack(src, snapshot, sink)
 
-        return await self._stream(wire.DataHeader(self.sid, what), produce)
+        self._moving[key] = lambda: sent
+        try:
+            return await self._stream(wire.DataHeader(self.sid, what), produce)
+        finally:
+            del self._moving[key]
 
     async def send_file(self, what: wire.DataKind, path: Path, offset: int, end: int,
                         digest: str | None = None) -> int:
+        pos = offset
+        key = f"{what}-{path}-{offset}"
+
         async def produce(stream: Any) -> None:
+            nonlocal pos
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
             try:
-                pos = offset
                 while pos < end:
                     data = await asyncio.to_thread(os.pread, fd, min(links.CHUNK, end - pos),
                                                    pos)
@@ -365,16 +399,23 @@ class Teleport:
                         break
                     await stream.write(data)
                     pos += len(data)
-                    self.emit_progress(done=pos, total=end, unit="bytes", what=str(what))
+                    self.tick(str(what))
             finally:
                 os.close(fd)
 
-        return await self._stream(wire.DataHeader(self.sid, what, offset, digest), produce)
+        self._moving[key] = lambda: pos - offset
+        try:
+            return await self._stream(wire.DataHeader(self.sid, what, offset, digest), produce)
+        finally:
+            del self._moving[key]
 
     # ---- the teleport
 
     async def run(self) -> TeleportReport:
         r = self.report
+        events.emit(self.daemon, "teleport", "start", self.name, target=self.target,
+                    mode=self.opts.mode, sid=self.sid)
+        ticker = asyncio.create_task(self._ticker())
         try:
             await self._run()
         except BaseException as exc:
@@ -384,6 +425,8 @@ class Teleport:
             prepared = str(Effect.TARGET_PREPARED) in self.stack
             if not self.switched:
                 await asyncio.shield(self._rollback())
+            events.emit(self.daemon, "teleport", "rolled_back" if r.rolled_back else "failed",
+                        self.name, target=self.target, sid=self.sid, reason=r.error)
             r.total_seconds = round(time.monotonic() - self._t0, 4)
             await asyncio.shield(self._keep_report(moved=False, prepared=prepared))
             if cancelled:
@@ -398,6 +441,7 @@ class Teleport:
             raise TeleportError(code, f"teleport of {self.name} to {self.target} failed: "
                                 f"{r.error}{where}", r) from None
         finally:
+            ticker.cancel()
             await asyncio.shield(self._close())
         return r
 
@@ -505,7 +549,8 @@ class Teleport:
         await self.enter(Phase.UPPER)
         snap = self.dir / "upper.snar"
         t = time.monotonic()
-        n0 = await self.send_tree(wire.DataKind.UPPER, paths.upper, snap, upper_size)
+        self._phase_total = upper_size + await asyncio.to_thread(_size, paths.console_log)
+        n0 = await self.send_tree(wire.DataKind.UPPER, paths.upper, snap)
         r.rounds.append(RoundReport("upper0", n0, round(time.monotonic() - t, 4)))
         log_path = paths.console_log
         log_off = await asyncio.to_thread(_size, log_path)
@@ -530,6 +575,8 @@ class Teleport:
         # runs (a netlink dump, ~10 ms): one learnt in the last milliseconds is ARPed.
         await self._grab_neighbors()
         await self.enter(Phase.FREEZE)
+        if not self.j.lazy:  # its memory goes now (postcopy: after the switchover)
+            self._phase_total = mem if mode is Mode.STOP_COPY else None
         t_freeze = self._t_freeze = time.monotonic()
         if self.opts.baseline:
             r.mode, r.mode_reason = "seed", "baseline: dump to disk, copy, restore"
@@ -573,6 +620,8 @@ class Teleport:
         r.total_seconds = round(time.monotonic() - self._t0, 4)
         await self.enter(Phase.DONE)
         await self._keep_report(moved=True, prepared=True)
+        events.emit(self.daemon, "teleport", "committed", self.name, target=self.target,
+                    sid=self.sid, mode=r.mode, frozen=r.frozen_seconds, wire=r.wire_bytes)
 
     async def _switch(self) -> None:
         """The one transition after which the target owns the cnvm: nothing is undone
@@ -637,6 +686,8 @@ class Teleport:
         relay = self.u.relay
         await self.effect(Effect.CRIU)
         self._t_criu = time.monotonic()
+        if relay is not None:
+            self._moving["pages"] = lambda: relay.bytes_up + relay.bytes_down
         self.u.ck = asyncio.create_task(self.runc.checkpoint(
             self.name, self.dir / "images", work_dir=self.dir / "work", tcp_established=True,
             leave_running=True,
@@ -653,6 +704,7 @@ class Teleport:
         if relay is not None:
             await _settle(relay)
             self.wire += relay.bytes_up + relay.bytes_down
+            self._moving.pop("pages", None)
         self.stack.done(Milestone.DUMPED)
 
     async def _dump_lazy(self) -> None:
@@ -785,6 +837,7 @@ class Teleport:
                 timeout=120)
             lazy = int(ans.get("relay_bytes", 0))  # lazy pages, pulled by the target
             self.wire += lazy
+            self._moving.pop("pages-lazy", None)
             if mode is Mode.POSTCOPY or mode is Mode.HYBRID:
                 self.report.rounds.append(RoundReport(
                     "lazy", lazy, self.report.phases.get("pages_after_restore", 0.0)))
@@ -798,11 +851,8 @@ class Teleport:
     async def _keep_report(self, *, moved: bool, prepared: bool) -> None:
         self.report.wire_bytes = self.wire
         state = self.daemon.state
-        if moved:
-            await asyncio.to_thread(state.delete, KIND_REPORTS, self.name)
-            return
         hist = await asyncio.to_thread(load_reports, state, self.name)
-        if prepared:  # refusals before contacting the target are not teleports
+        if moved or prepared:  # both nodes keep it; a refusal before the target is none
             await asyncio.to_thread(save_reports, state, self.name,
                                     [*hist, self.report.to_dict()])
 
@@ -891,6 +941,7 @@ class Teleport:
                                   wire.Pages(self.sid, k, parent).to_wire(), timeout=30)
         relay = await self.link.relay(_port(ps))
         work = self.dir / f"work-{k}"
+        self._moving["pages-predump"] = lambda: relay.bytes_up + relay.bytes_down
         try:
             await self.runc.checkpoint(self.name, self.dir / f"round-{k}", work_dir=work,
                                        tcp_established=False,
@@ -905,6 +956,7 @@ class Teleport:
         finally:
             await relay.close()
             self.wire += relay.bytes_up + relay.bytes_down
+            self._moving.pop("pages-predump", None)
         self._last_dir = k
         return relay.bytes_up
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnvmd import bundle, criu, netlink, proc
+from cnvmd import bundle, criu, events, netlink, proc
 from cnvmd.migration import criuimg, journal, netmove, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.lazyrelay import PrefetchRelay
@@ -589,8 +589,6 @@ class TargetSide:
         if s.status not in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
             raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} is {s.status}")
         s.status = wire.TargetStatus.COMMITTED
-        if msg.reports:
-            await asyncio.to_thread(save_reports, self.daemon.state, s.name, list(msg.reports))
         lazy_ok = None
         if s.lazy is not None:
             try:
@@ -602,6 +600,10 @@ class TargetSide:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.relay.wait_idle(), 10)
         relay = s.relay.bytes_up + s.relay.bytes_down if s.relay else 0
+        if msg.reports:  # the last one is this teleport's: with the pages fetched since
+            await asyncio.to_thread(save_reports, self.daemon.state, s.name,
+                                    with_lazy_pages(list(msg.reports), relay))
+        events.emit(self.daemon, "teleport", "arrived", s.name, source=s.source, sid=s.sid)
         await self._forget(s)
         return {"ok": True, "lazy_ok": lazy_ok, "relay_bytes": relay,
                 "wire_bytes": s.wire_bytes + relay}
@@ -709,6 +711,22 @@ def _capture(ifname: str, ip: str) -> tcprepair.Capture | None:
         return None
 
 
+def with_lazy_pages(reports: list[dict[str, Any]], relay: int) -> list[dict[str, Any]]:
+    """The history with `relay` lazy-page bytes (fetched after the switchover, which the
+    source only learns from commit's answer) added to its last report, as the source
+    adds them to its own copy."""
+    if not relay or not reports or not isinstance(reports[-1], dict):
+        return reports
+    last = dict(reports[-1])
+    if any(isinstance(x, dict) and x.get("kind") == "lazy" for x in last.get("rounds") or []):
+        return reports
+    last["wire_bytes"] = int(last.get("wire_bytes") or 0) + relay
+    secs = (last.get("phases") or {}).get("pages_after_restore", 0.0)
+    last["rounds"] = [*(last.get("rounds") or []),
+                      {"kind": "lazy", "bytes": relay, "seconds": secs}]
+    return [*reports[:-1], last]
+
+
 def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, Any]:
     """The cnvm's record here, from its validated spec (nothing else of the source's)."""
     sp = s.spec
@@ -716,7 +734,8 @@ def _record_of(s: Session, node: str, paths: bundle.BundlePaths) -> dict[str, An
             "image_id": sp.image_id, "hostname": sp.hostname, "ip": s.net.ip,
             "mac": s.net.mac, "memory": sp.memory, "cpus": sp.cpus, "env": dict(sp.env),
             "cmd": list(sp.cmd), "security_opt": list(sp.security_opt),
-            "desired": "running", "created_at": sp.created_at,
+            "restart": sp.restart, "restarts": sp.restarts, "desired": "running",
+            "created_at": sp.created_at,
             "started_at": sp.started_at, "bundle": str(paths.dir),
             "log": str(paths.console_log), "netns": s.netns_path,
             "teleported_from": s.source, "teleported_at": time.time(),

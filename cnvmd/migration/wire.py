@@ -47,6 +47,9 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 CPU_FLAG_RE = re.compile(r"[a-z0-9_]{1,32}")
 CRIU_VERSION_RE = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){0,3}")
 PAGEMAP_RE = re.compile(r"pagemap-[0-9]{1,10}\.img")
+RESTART_RE = re.compile(r"no|always|on-failure(:[1-9][0-9]{0,3})?")
+"""A restart policy (cnvmd.restart): it travels with the cnvm."""
+MAX_RESTARTS = 1 << 20
 
 MAX_LAYERS = 128
 MAX_CMD = 256
@@ -236,6 +239,11 @@ class CnvmSpec:
     one per key): an opt-out travels with the cnvm, so its `exec`s on the target run
     as on the source. Sent only when set, so a target of the previous release
     still takes a default cnvm and refuses (unknown field) one it could not honour."""
+    restart: str = "no"
+    """Its restart policy (`RESTART_RE`); sent only when not "no", like security_opt
+    (a previous release's target refuses a cnvm whose policy it would drop)."""
+    restarts: int = 0
+    """Restarts the policy made so far (on-failure:N goes on counting there)."""
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -245,6 +253,10 @@ class CnvmSpec:
             "created_at": self.created_at, "started_at": self.started_at}
         if self.security_opt:
             out["security_opt"] = list(self.security_opt)
+        if self.restart != "no":
+            out["restart"] = self.restart
+        if self.restarts:
+            out["restarts"] = self.restarts
         return out
 
     @classmethod
@@ -271,6 +283,8 @@ class CnvmSpec:
             created_at=r.float("created_at", 0, 1e11, required=False) or 0.0,
             started_at=r.float("started_at", 0, 1e11, required=False) or 0.0,
             security_opt=_security_opt(r),
+            restart=r.str("restart", RESTART_RE, max_len=20, required=False) or "no",
+            restarts=r.int("restarts", 0, MAX_RESTARTS, required=False) or 0,
         )
         r.done()
         return spec
@@ -284,7 +298,9 @@ class CnvmSpec:
             "cmd": list(rec.get("cmd") or []), "env": dict(rec.get("env") or {}),
             "memory": rec.get("memory"), "cpus": rec.get("cpus"),
             "created_at": rec.get("created_at"), "started_at": rec.get("started_at"),
-            "security_opt": list(rec.get("security_opt") or []) or None})
+            "security_opt": list(rec.get("security_opt") or []) or None,
+            "restart": None if rec.get("restart") in (None, "no") else rec.get("restart"),
+            "restarts": rec.get("restarts") or None})
 
 
 def _security_opt(r: Reader) -> tuple[str, ...]:

@@ -42,6 +42,23 @@ def test_a_good_prepare_round_trips():
     assert wire.Prepare.from_wire(msg.to_wire()) == msg
 
 
+def test_restart_policy_travels_and_stays_compatible():
+    """The policy and its count cross a teleport; a default one is not sent at all,
+    so a target of the previous release (which refuses unknown fields) still takes
+    a cnvm that has none."""
+    rec = {"name": "web", "image": "busybox:latest", "image_id": "b" * 64,
+           "hostname": "web", "restart": "on-failure:3", "restarts": 2}
+    spec = wire.CnvmSpec.from_record(rec)
+    assert (spec.restart, spec.restarts) == ("on-failure:3", 2)
+    assert wire.CnvmSpec.from_wire(spec.to_wire()) == spec
+    plain = wire.CnvmSpec.from_record({**rec, "restart": "no", "restarts": 0})
+    assert "restart" not in plain.to_wire() and "restarts" not in plain.to_wire()
+    old = wire.CnvmSpec.from_wire(prepare()["spec"])  # from a source without the field
+    assert (old.restart, old.restarts) == ("no", 0)
+    for policy in ("always", "on-failure", "on-failure:1000"):
+        assert wire.CnvmSpec.from_record({**rec, "restart": policy}).restart == policy
+
+
 def mutate(path: list[Any], value: Any) -> dict[str, Any]:
     d = copy.deepcopy(prepare())
     cur: Any = d
@@ -73,6 +90,10 @@ HOSTILE = [
     (["net", "ip"], "10.0.0.300"), (["net", "ip"], "::1"), (["net", "mac"], "zz"),
     (["net", "prefixlen"], 64), (["mode"], "teleport-everything"), (["lease"], 1e9),
     (["lease"], "30"), (["cpu_flags"], ["sse2; rm -rf"]), (["criu_version"], "4.2 && x"),
+    (["spec", "restart"], "sometimes"), (["spec", "restart"], "on-failure:0"),
+    (["spec", "restart"], "on-failure:-1"), (["spec", "restart"], "always\n"),
+    (["spec", "restart"], 3), (["spec", "restarts"], -1), (["spec", "restarts"], "2"),
+    (["spec", "restarts"], 1 << 40),
 ]
 
 
