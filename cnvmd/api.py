@@ -92,6 +92,11 @@ MAX_INFLIGHT = 1024
 MAX_WRITE_BUFFER = 64 * 1024 * 1024
 """A client that lets this much reply data pile up unread is disconnected."""
 HELLO_TIMEOUT = 10.0
+LINGER_SECONDS = 1.0
+"""After a closing error frame, how long the socket stays open (write side shut) to
+swallow what the client still sends: a close with unread data makes the client's
+read fail with ECONNRESET before it sees the error that says why."""
+LINGER_BYTES = 1 << 20
 """A connection that has not said hello by then is closed (fd hygiene)."""
 HELLO_MAX_FRAME = 64 * 1024
 """Largest frame before the hello: an unknown caller gets no big buffer."""
@@ -819,8 +824,10 @@ class _UnixProtocol(asyncio.Protocol):
         server = self.server
         lim = server.limits
         peer = _peercred(transport)
+        self._lingering = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.session = Session(
-            server.router, server.daemon, transport.write, transport.close,
+            server.router, server.daemon, transport.write, self._close_lingering,
             peer=peer, buffered=transport.get_write_buffer_size,
             tasks=server.tasks, max_frame=lim.max_request_frame, limits=API_DECODE_LIMITS,
             budget=server.budget)
@@ -834,12 +841,32 @@ class _UnixProtocol(asyncio.Protocol):
         server.sessions.add(self.session)
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
 
+    def _close_lingering(self) -> None:
+        """Shut our write side (after the queued error frame) and close once the client
+        has closed, LINGER_SECONDS have passed or LINGER_BYTES arrived (bounded, as
+        anything before authentication must be)."""
+        t = self.transport
+        if t.is_closing() or self._linger_timer is not None:
+            return
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            t.close()
+            return
+        self._lingering = 1
+        self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, t.close)
+
     def _no_hello(self) -> None:
         if self.session is not None and not self.session._greeted:
             self.session._fatal(ErrorCode.BAD_REQUEST, f"no hello within {HELLO_TIMEOUT:g}s")
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
+        if self._lingering:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.transport.close()
+            return
         self.session.feed(data)
         if self.session._greeted and self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -851,6 +878,8 @@ class _UnixProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         if self.session is not None:
             self.session.lost()
             self.server.sessions.discard(self.session)
