@@ -119,7 +119,7 @@ def sd_notify(state: str) -> bool:
 # --------------------------------------------------------------------------- plug-ins
 
 PLUGIN_MODULES = ("cnvmd.core", "cnvmd.inventory", "cnvmd.lifecycle", "cnvmd.network.ops",
-                  "cnvmd.peers.ops", "cnvmd.migration.ops")
+                  "cnvmd.peers.ops", "cnvmd.migration.ops", "cnvmd.cluster.ops")
 """The daemon's subsystems. Each module defines ``plugin = Plugin(...)``; the start
 order comes from their declared ``requires``, not from this list."""
 

@@ -20,6 +20,7 @@ from proto.messages import ErrorCode, ProtoError
 
 if TYPE_CHECKING:
     from cnvmd.api import Router
+    from cnvmd.cluster.service import ClusterService
     from cnvmd.lifecycle import Lifecycle
     from cnvmd.migration.ops import Teleports
     from cnvmd.network.service import Network
@@ -45,6 +46,9 @@ LIFECYCLE: Key[Lifecycle] = Key("lifecycle", "the lifecycle service")
 NETWORK: Key[Network] = Key("network", "the overlay network")
 PEERS: Key[PeerService] = Key("peers", "the peer mesh")
 TELEPORTS: Key[Teleports] = Key("teleports", "the teleport engine")
+DIRECTORY: Key[ClusterService] = Key("directory", "the cluster directory")
+"""Every cnvm of the cluster: ``.dir.lookup(name)`` -> Entry (ip, node), ``.dir.entries()``,
+``.dir.add_listener(cb)`` / ``await .dir.wait_change()`` (cnvmd.cluster.directory)."""
 
 
 class Services:

@@ -83,15 +83,38 @@ def render_ls(rows: list[dict[str, Any]]) -> None:
                  "memory": lambda m: size(m) if isinstance(m, int) else cell(m)})
 
 
-@command("ls", help="list this node's cnvms",
-         description="List the node's cnvms: their live state as runc reports it, joined with "
-                     "the daemon's records.\n\n"
+@command("ls", help="list the cnvms of the whole cluster (or of one node)",
+         description="List every cnvm of the cluster with the node that runs it (the cluster "
+                     "directory,\ncurrent within about a second). --local lists this node's "
+                     "cnvms from runc and\nthe daemon's records instead (with PID, uptime and "
+                     "adoption).\n\n"
                      "STATE notes: 'adopted' = already running when this daemon started "
                      "(it took it over);\n'unmanaged' = a container in the daemon's runc root "
                      "without a cnvm record;\n'missing' = recorded as running but no container "
-                     "exists.")
+                     "exists; '(node down)' = its node\ndoes not answer: the last known state.",
+         epilog="examples:\n  cnvmctl ls                 # every node\n"
+                "  cnvmctl ls --node node2    # only node2's cnvms\n"
+                "  cnvmctl ls --local         # this node, with PIDs and uptime",
+         args=[arg("--node", "--on", dest="on_node", metavar="NODE", help="only the cnvms of NODE"),
+               arg("--local", action="store_true", help="this node only, from runc")])
 async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
-    ctx.output(await ctx.call("ls"), render_ls)
+    if a.local:
+        ctx.output(await ctx.call("ls"), render_ls)
+        return
+    res = await ctx.call("cluster.ls", {"node": a.on_node} if a.on_node else {})
+
+    def human(r: dict[str, Any]) -> None:
+        rows = [{**x, "state": x["state"] + (" (node down)" if x.get("node_state") == "down"
+                                             else "") + (" DUPLICATE" if x.get("duplicate")
+                                                         else "")}
+                for x in r["cnvms"]]
+        print_table(rows, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
+                           ("IMAGE", "image"), ("IP", "ip"), ("MEMORY", "memory"),
+                           ("USED", "mem_use")],
+                    {"memory": lambda m: size(m) if isinstance(m, int) else cell(m),
+                     "mem_use": lambda m: size(m) if isinstance(m, int) else cell(m)})
+
+    ctx.output(res, human)
 
 
 def render_inspect(r: dict[str, Any]) -> None:
