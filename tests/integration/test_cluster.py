@@ -1,0 +1,198 @@
+"""Cluster acceptance (issue 15): one namespace of cnvms over 3 real cnvmd nodes (peer
+mesh over SSH, overlay, runc + CRIU), nothing mocked.
+
+* The directory: from node3, `cluster.ls` lists node1's and node2's cnvms with their
+  nodes; `nodes` shows the right cnvm counts within 2 s of a deploy, teleport, rm.
+* Any-node commands: inspect, logs, exec, stop, start and teleport of a cnvm on node1
+  asked of node3 are carried out by node1 and say so.
+* Placement: `deploy --node node2` from node1 ships the image (node2 has none) by
+  digest; `teleport NAME auto` picks a node; a cordoned node is refused.
+* Unique names: two concurrent deploys of one name on node1 and node2: exactly one
+  succeeds, the other gets `conflict`.
+* Evacuate: six cnvms on node1, each with a live client connection; `evacuate node1
+  -j 3` with node3's daemon killed mid-way: those bound for node3 stay on node1 and
+  are reported failed, the rest move; node3 back, a second evacuate moves the rest:
+  node1 is empty and cordoned, the cnvms spread over node2 and node3, every
+  connection alive, every counter intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto.messages import ErrorCode, ProtoError
+from tests.teleportlab import TeleLab
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+async def clab(tmp_path: Path):
+    tl = TeleLab("hd", 3)
+    try:
+        await tl.up(tmp_path)
+        yield tl
+    except BaseException:
+        for n in tl.lab.node_names:
+            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-40:]))
+        raise
+    finally:
+        await tl.down()
+
+
+async def counts_within(tl: TeleLab, asker: str, want: dict[str, int],
+                        within: float = 2.0) -> float:
+    """`nodes` on `asker` shows `want` cnvm counts within `within` seconds."""
+    t0 = time.monotonic()
+    got: dict[str, Any] = {}
+    while time.monotonic() - t0 < within:
+        view = await tl.call(asker, "nodes")
+        got = {n["name"]: n.get("cnvm_count") for n in view["nodes"]}
+        if all(got.get(k) == v for k, v in want.items()):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nodes on {asker} after {within}s: {got}, want {want}")
+
+
+async def listed(tl: TeleLab, asker: str) -> dict[str, str]:
+    res = await tl.call(asker, "cluster.ls")
+    return {r["name"]: r["node"] for r in res["cnvms"]}
+
+
+async def test_directory_any_node_placement_unique_names(clab: TeleLab):
+    tl = clab
+    await tl.deploy("c1", "10.100.101.31", node="node1")
+    await counts_within(tl, "node3", {"node1": 1, "node2": 0, "node3": 0})
+    # placement: node1 puts c2 on node2, which has no image yet (blobs by digest)
+    res = await tl.call("node1", "deploy", {"name": "c2", "image": tl.image,
+                                            "ip": "10.100.101.32", "node": "node2"})
+    assert res["node"] == "node2"
+    imgs = await tl.call("node2", "images.ls")
+    assert [i for i in imgs if tl.image in i["names"]], imgs
+    await counts_within(tl, "node3", {"node1": 1, "node2": 1, "node3": 0})
+    assert await listed(tl, "node3") == {"c1": "node1", "c2": "node2"}
+
+    # any-node commands, asked of node3
+    info = await tl.call("node3", "inspect", {"name": "c1"})
+    assert info["node"] == "node1" and info["state"] == "running"
+    ex = await tl.call("node3", "exec", {"name": "c1", "cmd": ["hostname"]})
+    assert ex["exit_code"] == 0 and ex["stdout"].strip() == "c1" and ex["node"] == "node1"
+    lg = await tl.call("node3", "logs", {"name": "c1"})
+    assert lg["node"] == "node1"
+    st = await tl.call("node3", "stop", {"name": "c1", "time": 1})
+    assert st["node"] == "node1"
+    assert (await tl.call("node1", "inspect", {"name": "c1"}))["state"] != "running"
+    st = await tl.call("node3", "start", {"name": "c1"})
+    assert st["node"] == "node1"
+    assert (await tl.call("node1", "inspect", {"name": "c1"}))["state"] == "running"
+    with pytest.raises(ProtoError) as ei:
+        await tl.call("node3", "inspect", {"name": "nosuch"})
+    assert ei.value.code == ErrorCode.NOT_FOUND
+
+    # a cordoned node is refused as a target; auto skips it
+    await tl.call("node1", "cordon", {"node": "node2"})
+    await asyncio.sleep(0.5)
+    with pytest.raises(ProtoError) as ei:
+        await tl.call("node3", "teleport", {"name": "c1", "target": "node2"}, timeout=120)
+    assert ei.value.code == ErrorCode.CONFLICT and "cordoned" in ei.value.message
+    view = await tl.call("node1", "nodes")
+    assert {n["name"]: n["cordoned"] for n in view["nodes"]}["node2"] is True
+    # teleport asked of node3, auto target: node3 (node2 is cordoned)
+    rep = await tl.call("node3", "teleport", {"name": "c1", "target": "auto"}, timeout=180)
+    assert rep["ok"] and rep["target"] == "node3" and rep["node"] == "node1"
+    await counts_within(tl, "node2", {"node1": 0, "node2": 1, "node3": 1})
+    info = await tl.call("node1", "inspect", {"name": "c1"})  # routed to node3 now
+    assert info["node"] == "node3"
+    await tl.call("node1", "uncordon", {"node": "node2"})
+
+    # rm from another node
+    await tl.call("node1", "rm", {"name": "c2", "force": True})
+    await counts_within(tl, "node3", {"node1": 0, "node2": 0, "node3": 1})
+    assert await listed(tl, "node1") == {"c1": "node3"}
+
+    # a taken name is a conflict anywhere
+    with pytest.raises(ProtoError) as ei:
+        await tl.call("node2", "deploy", {"name": "c1", "image": tl.image})
+    assert ei.value.code == ErrorCode.CONFLICT
+
+    # two concurrent deploys of one name on two nodes: exactly one wins
+    for round_ in range(3):
+        name = f"dup{round_}"
+        res2 = await asyncio.gather(
+            tl.call("node1", "deploy", {"name": name, "image": tl.image}),
+            tl.call("node2", "deploy", {"name": name, "image": tl.image}),
+            return_exceptions=True)
+        ok = [r for r in res2 if isinstance(r, dict)]
+        errs = [r for r in res2 if isinstance(r, BaseException)]
+        assert len(ok) == 1 and len(errs) == 1, res2
+        assert isinstance(errs[0], ProtoError) and errs[0].code == ErrorCode.CONFLICT, errs
+        await asyncio.sleep(0.3)
+        where = [n for n, x in (await listed(tl, "node3")).items() if n == name]
+        assert where == [name]
+        await tl.call("node3", "rm", {"name": name, "force": True})
+
+
+async def test_evacuate_with_a_target_killed_then_rerun(clab: TeleLab):
+    tl = clab
+    names = [f"e{i}" for i in range(6)]
+    ips = {n: f"10.100.101.{41 + i}" for i, n in enumerate(names)}
+    for n in names:
+        await tl.deploy(n, ips[n], node="node1")
+    conns = {n: await tl.client(ips[n]) for n in names}
+    for c in conns.values():
+        await c.wait_more(10)
+    await counts_within(tl, "node3", {"node1": 6})
+    plan = await tl.call("node2", "evacuate", {"node": "node1", "dry_run": True})
+    assert {i["to"] for i in plan["items"]} == {"node2", "node3"}, plan
+
+    killed = asyncio.Event()
+
+    def on_event(ev: Any) -> None:
+        d = ev.data
+        if ev.name == "evacuate" and d.get("kind") == "item" and not killed.is_set():
+            i = d["item"]
+            if i.get("to") == "node3" and i.get("phase") in ("layers", "upper"):
+                killed.set()
+
+    async def killer() -> None:
+        await killed.wait()
+        await tl.kill_daemon("node3")
+
+    k = asyncio.create_task(killer())
+    res = await tl.call("node2", "evacuate", {"node": "node1", "parallel": 3},
+                        on_event=on_event, timeout=600)
+    await k
+    print("first evacuate:", [(i["cnvm"], i["to"], i["result"], i["mode"], i["frozen"],
+                               i["error"]) for i in res["items"]])
+    by = {i["cnvm"]: i for i in res["items"]}
+    failed = [n for n, i in by.items() if i["result"] != "moved"]
+    assert failed, res  # node3 died: something did not move
+    assert all(by[n]["to"] == "node3" for n in failed), res
+    assert res["failed"] == len(failed) and res["cordoned"]
+    on1 = {r["name"] for r in await tl.call("node1", "ls") if r["state"] == "running"}
+    assert on1 == set(failed), (on1, res)
+    for c in conns.values():
+        await c.wait_more(10, timeout=30)
+        assert not c.eof
+
+    await tl.start_daemon("node3")
+    await tl.wait_members(timeout=30)
+    await asyncio.sleep(1.5)
+    res2 = await tl.call("node1", "evacuate", {"node": "node1", "parallel": 3}, timeout=600)
+    print("second evacuate:", [(i["cnvm"], i["to"], i["result"]) for i in res2["items"]])
+    assert res2["failed"] == 0 and {i["cnvm"] for i in res2["items"]} == set(failed), res2
+    assert [r for r in await tl.call("node1", "ls")] == []
+    view = await tl.call("node2", "nodes")
+    row = {n["name"]: n for n in view["nodes"]}
+    assert row["node1"]["cordoned"] is True
+    where = await listed(tl, "node2")
+    assert set(where) == set(names) and set(where.values()) == {"node2", "node3"}, where
+    for n, c in conns.items():
+        await c.wait_more(20, timeout=30)
+        assert not c.eof, n
+        c.check_sequence()
