@@ -50,11 +50,31 @@ def render_table(r: dict[str, Any]) -> None:
 
 
 class LiveView:
-    """One line per cnvm as its state changes, and a running total (stderr)."""
+    """One line per cnvm and a total on stderr: redrawn in place on a terminal, else a
+    line each time a cnvm's state changes."""
 
     def __init__(self) -> None:
         self.items: dict[str, dict[str, Any]] = {}
         self.shown: dict[str, str] = {}
+        self.tty = sys.stderr.isatty()
+        self.drawn = 0
+
+    def _total(self) -> str:
+        moved = sum(1 for x in self.items.values() if x["result"] == "moved")
+        failed = sum(1 for x in self.items.values() if x["result"] == "failed")
+        moving = sum(1 for x in self.items.values() if x["result"] == "moving")
+        return (f"total: {moved} moved, {moving} moving, {failed} failed, "
+                f"{len(self.items)} cnvms")
+
+    def _redraw(self) -> None:
+        out = [f"  {i['cnvm']:<20} -> {i.get('to') or '-':<12} "
+               f"{i['result']} {i.get('phase') or ''}" for i in self.items.values()]
+        out.append(self._total())
+        if self.drawn:
+            sys.stderr.write(f"\x1b[{self.drawn}F")
+        sys.stderr.write("".join(f"\x1b[2K{ln}\n" for ln in out))
+        sys.stderr.flush()
+        self.drawn = len(out)
 
     def on_event(self, ev: Event) -> None:
         if ev.name != "evacuate":
@@ -65,17 +85,19 @@ class LiveView:
                 self.items[i["cnvm"]] = i
             print(f"evacuating {d.get('node')}: {d.get('total')} cnvms, -j {d.get('parallel')}",
                   file=sys.stderr)
+            if self.tty:
+                self._redraw()
         elif d.get("kind") == "item":
             i = d["item"]
             self.items[i["cnvm"]] = i
+            if self.tty:
+                self._redraw()
+                return
             line = f"{i['result']} {i.get('phase') or ''}".strip()
             if self.shown.get(i["cnvm"]) != line:
                 self.shown[i["cnvm"]] = line
-                moved = sum(1 for x in self.items.values() if x["result"] == "moved")
-                failed = sum(1 for x in self.items.values() if x["result"] == "failed")
                 print(f"  {i['cnvm']:<20} -> {i.get('to') or '-':<12} {line:<28} "
-                      f"[{moved} moved, {failed} failed, {len(self.items)} total]",
-                      file=sys.stderr)
+                      f"[{self._total()}]", file=sys.stderr)
 
 
 @command("evacuate", help="move every cnvm off a node (cordons it first)",

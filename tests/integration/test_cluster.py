@@ -19,6 +19,8 @@ mesh over SSH, overlay, runc + CRIU), nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,15 @@ async def counts_within(tl: TeleLab, asker: str, want: dict[str, int],
     raise AssertionError(f"nodes on {asker} after {within}s: {got}, want {want}")
 
 
+async def cnvmctl(*args: str) -> tuple[int, str, str]:
+    """The real CLI against a lab node (`--lab hd --node N ...`)."""
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cnvmctl", "--lab", "hd", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(p.communicate(), 600)
+    return int(p.returncode or 0), out.decode(), err.decode()
+
+
 async def listed(tl: TeleLab, asker: str) -> dict[str, str]:
     res = await tl.call(asker, "cluster.ls")
     return {r["name"]: r["node"] for r in res["cnvms"]}
@@ -90,6 +101,35 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     st = await tl.call("node3", "start", {"name": "c1"})
     assert st["node"] == "node1"
     assert (await tl.call("node1", "inspect", {"name": "c1"}))["state"] == "running"
+    ex = await tl.call("node3", "exec", {"name": "c1", "cmd": ["cat"], "stdin": b"via node3"})
+    assert ex["stdout"] == "via node3" and ex["node"] == "node1"
+    # logs -f through node3: output events relayed from node1
+    await tl.call("node1", "exec", {"name": "c1",
+                                    "cmd": ["sh", "-c", "echo marker > /proc/1/fd/1"]})
+    got: list[str] = []
+    seen = asyncio.Event()
+
+    def on_out(ev: Any) -> None:
+        if ev.name == "output":
+            got.append(ev.data.get("data", ""))
+            if "marker" in "".join(got):
+                seen.set()
+
+    follow = asyncio.create_task(tl.call("node3", "logs", {"name": "c1", "follow": True},
+                                         on_event=on_out, timeout=None))
+    await asyncio.wait_for(seen.wait(), 20)
+    follow.cancel()
+    # the CLI: whole-cluster ls with a NODE column, nodes with counts, a filter
+    rc, out, err = await cnvmctl("--node", "node3", "ls")
+    assert rc == 0, err
+    lines = [ln.split() for ln in out.splitlines()]
+    assert lines[0][:3] == ["NAME", "NODE", "STATE"], out
+    assert ["c1", "node1"] in [ln[:2] for ln in lines] and ["c2", "node2"] in [
+        ln[:2] for ln in lines], out
+    rc, out, err = await cnvmctl("--node", "node3", "--json", "ls", "--node", "node2")
+    assert [r["name"] for r in json.loads(out)["cnvms"]] == ["c2"], out
+    rc, out, err = await cnvmctl("--node", "node3", "nodes")
+    assert rc == 0 and "CNVMS" in out, err
     with pytest.raises(ProtoError) as ei:
         await tl.call("node3", "inspect", {"name": "nosuch"})
     assert ei.value.code == ErrorCode.NOT_FOUND
@@ -108,6 +148,8 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     await counts_within(tl, "node2", {"node1": 0, "node2": 1, "node3": 1})
     info = await tl.call("node1", "inspect", {"name": "c1"})  # routed to node3 now
     assert info["node"] == "node3"
+    reps = await tl.call("node2", "teleport.reports", {"name": "c1"})
+    assert reps["node"] == "node3" and reps["reports"][-1]["target"] == "node3"
     await tl.call("node1", "uncordon", {"node": "node2"})
 
     # rm from another node
@@ -183,9 +225,13 @@ async def test_evacuate_with_a_target_killed_then_rerun(clab: TeleLab):
     await tl.start_daemon("node3")
     await tl.wait_members(timeout=30)
     await asyncio.sleep(1.5)
-    res2 = await tl.call("node1", "evacuate", {"node": "node1", "parallel": 3}, timeout=600)
-    print("second evacuate:", [(i["cnvm"], i["to"], i["result"]) for i in res2["items"]])
-    assert res2["failed"] == 0 and {i["cnvm"] for i in res2["items"]} == set(failed), res2
+    rc, out, err = await cnvmctl("--node", "node1", "evacuate", "node1", "-j", "3")
+    print("second evacuate (cnvmctl):", out, err, sep="\n")
+    assert rc == 0, (out, err)
+    table = [ln.split() for ln in out.splitlines()]
+    assert table[0] == ["CNVM", "FROM", "TO", "MODE", "FROZEN", "BYTES", "RESULT"], out
+    assert sorted(r[0] for r in table[1:] if r[-1] == "moved") == sorted(failed), out
+    assert all(n in err for n in failed), err  # the live view, a line per cnvm
     assert [r for r in await tl.call("node1", "ls")] == []
     view = await tl.call("node2", "nodes")
     row = {n["name"]: n for n in view["nodes"]}
