@@ -102,19 +102,25 @@ async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
         ctx.output(await ctx.call("ls"), render_ls)
         return
     res = await ctx.call("cluster.ls", {"node": a.on_node} if a.on_node else {})
+    rows = res["cnvms"]
+    if not res.get("cluster"):  # a node alone: the classic view
+        ctx.output(rows, render_ls)
+        return
 
-    def human(r: dict[str, Any]) -> None:
-        rows = [{**x, "state": x["state"] + (" (node down)" if x.get("node_state") == "down"
-                                             else "") + (" DUPLICATE" if x.get("duplicate")
-                                                         else "")}
-                for x in r["cnvms"]]
-        print_table(rows, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
-                           ("IMAGE", "image"), ("IP", "ip"), ("MEMORY", "memory"),
-                           ("USED", "mem_use")],
-                    {"memory": lambda m: size(m) if isinstance(m, int) else cell(m),
-                     "mem_use": lambda m: size(m) if isinstance(m, int) else cell(m)})
+    def human(rows: list[dict[str, Any]]) -> None:
+        shown = [{**r, "state": _state(r) + (" (node down)" if r.get("node_state") == "down"
+                                             else "")
+                  + (" DUPLICATE" if r.get("duplicate") else "")} for r in rows]
 
-    ctx.output(res, human)
+        def mem(m: Any) -> str:
+            return size(m) if isinstance(m, int) else cell(m)
+
+        print_table(shown, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
+                            ("PID", "pid"), ("IMAGE", "image"), ("IP", "ip"),
+                            ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime")],
+                    {"uptime": duration, "memory": mem, "mem_use": mem})
+
+    ctx.output(rows, human)
 
 
 def render_inspect(r: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from cnvmd import bundle
+from cnvmd import bundle, inventory
 from cnvmd.api import Args, Context, Handler, OpSpec, Router
 from cnvmd.services import DIRECTORY, PEERS, Plugin
 from cnvmd.state import StateError
@@ -61,16 +61,19 @@ async def _has_record(daemon: Any, name: str) -> bool:
         return True  # a corrupt record is still this node's business
 
 
-def check_target(cl: ClusterService, target: str, *, what: str) -> None:
-    """A node new cnvms may land on: a member, alive, not cordoned."""
+def check_target(cl: ClusterService, target: str, *, what: str, strict: bool = True) -> None:
+    """A node new cnvms may land on: not cordoned, and (`strict`) a member, alive.
+    (A teleport checks only the cordon here: the engine says the rest in its words.)"""
     r = cl.dir.resources(target)
+    if r is not None and r.cordoned:
+        raise ProtoError(ErrorCode.CONFLICT, f"{target} is cordoned: no new cnvm lands on it "
+                         f"({what}; `cnvmctl uncordon {target}` lifts it)", {"node": target})
+    if not strict:
+        return
     if target != cl.node and (cl.peers is None or cl.peers.membership.get(target) is None):
         raise ProtoError(ErrorCode.NOT_FOUND, f"no member named {target!r}")
     if cl.member_state(target) == "down":
         raise ProtoError(ErrorCode.UNAVAILABLE, f"{target} is down")
-    if r is not None and r.cordoned:
-        raise ProtoError(ErrorCode.CONFLICT, f"{target} is cordoned: no new cnvm lands on it "
-                         f"({what}; `cnvmctl uncordon {target}` lifts it)", {"node": target})
 
 
 def auto_target(cl: ClusterService, *, need: int | None, image_id: str | None,
@@ -124,7 +127,7 @@ def _teleport_target(cl: ClusterService, target: Any, source: str, e: Entry | No
         return auto_target(cl, need=e.memory if e else None, image_id=e.image_id if e else None,
                            exclude=(source,))
     if NODE_RE.fullmatch(target) and target != source:
-        check_target(cl, target, what=f"teleport of {name}")
+        check_target(cl, target, what=f"teleport of {name}", strict=False)
     return target
 
 
@@ -252,19 +255,31 @@ def node_rows(cl: ClusterService, nodes: list[dict[str, Any]]) -> None:
 
 @router.op("cluster.ls")
 async def cluster_ls(ctx: Context, args: Args) -> dict[str, Any]:
-    """Every cnvm of the cluster (the directory), with its node; `node` filters."""
+    """Every cnvm of the cluster with its node (`node` filters): this node's rows live
+    (as `ls`: pid, uptime, adoption, unmanaged containers), the others' from the
+    directory (node_state says whether their node answers)."""
     node = args.str("node", None, pattern=NODE_RE.pattern)
     args.reject_unknown()
     cl = _svc(ctx)
-    await cl.refresh()  # this node's own rows are current, not up to PERIOD old
+    await cl.refresh()
     dups = cl.dir.duplicates()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if node is None or node == cl.node:
+        mine = cl.dir.mine.entries
+        for r in await inventory.snapshot(ctx.daemon):
+            e = mine.get(r["name"])
+            rows.append({**r, "node": cl.node, "node_state": "alive",
+                         "mem_use": e.mem_use if e else None,
+                         "duplicate": r["name"] in dups})
     for e in cl.dir.entries():
-        if node is not None and e.node != node:
+        if e.node == cl.node or (node is not None and e.node != node):
             continue
-        rows.append({**e.to_dict(), "node_state": cl.member_state(e.node),
+        rows.append({**e.to_dict(), "pid": None, "managed": True, "adopted": False,
+                     "uptime": None, "node_state": cl.member_state(e.node),
                      "duplicate": e.name in dups})
-    return {"node": cl.node, "cnvms": rows, "duplicates": dups}
+    rows.sort(key=lambda r: (r["name"], r["node"]))
+    return {"node": cl.node, "cluster": cl.peers is not None, "cnvms": rows,
+            "duplicates": dups}
 
 
 async def _cordon(ctx: Context, args: Args, on: bool) -> dict[str, Any]:

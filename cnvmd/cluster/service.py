@@ -84,6 +84,7 @@ class ClusterService:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unlisten: Any = None
+        self._refreshing = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
     # ---- start / stop
@@ -229,13 +230,15 @@ class ClusterService:
                          cordoned=self.cordoned, link_mbps=self.link_mbps, images=images)
 
     async def refresh(self) -> bool:
-        """Re-read this node's cnvms and resources; True if the document changed."""
-        try:
-            entries = await self.local_entries()
-        except ProtoError as exc:  # runc unusable: keep what we said
-            log.warning("directory: cannot list cnvms: %s", exc.message)
-            return False
-        changed = self.dir.set_local(entries, await self.local_resources())
+        """Re-read this node's cnvms and resources; True if the document changed.
+        Serialised: a slow read must not overwrite a newer one."""
+        async with self._refreshing:
+            try:
+                entries = await self.local_entries()
+            except ProtoError as exc:  # runc unusable: keep what we said
+                log.warning("directory: cannot list cnvms: %s", exc.message)
+                return False
+            changed = self.dir.set_local(entries, await self.local_resources())
         if changed:
             self.push()
         return changed
@@ -307,7 +310,9 @@ class ClusterService:
         for attempt in range(CLAIM_ATTEMPTS):
             why = d.local_conflict(name)
             if why is not None:
-                raise ProtoError(ErrorCode.CONFLICT, why, {"name": name})
+                here = any(e.node == self.node for e in d.where(name))
+                raise ProtoError(ErrorCode.ALREADY_EXISTS if here else ErrorCode.CONFLICT,
+                                 why, {"name": name})
             d.pending.add(name)
             d.lost.discard(name)
             try:
