@@ -30,7 +30,7 @@ async def one_run(tmp: Path, n: int, j: int, mode: str) -> dict[str, Any]:
     tl = TeleLab("hdb", 3)
     try:
         await tl.up(tmp)
-        names = [f"ev{i}" for i in range(n)]
+        names = [f"hdev{i}" for i in range(n)]
         ips = {x: f"10.100.101.{60 + i}" for i, x in enumerate(names)}
         for x in names:
             await tl.deploy(x, ips[x], node="node1")

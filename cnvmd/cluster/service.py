@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from cnvmd import bundle, inventory, proc
+from cnvmd import inventory, proc
 from cnvmd.services import LIFECYCLE, PEERS
 from proto.messages import ErrorCode, ProtoError
 
@@ -63,13 +63,30 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _cgroup_memory(node: str, name: str) -> int | None:
-    """memory.current of the cnvm's cgroup (cnvmd.bundle.cgroups_path), if readable."""
+def _cgroup_memory(pid: int) -> int | None:
+    """Memory charged to the cgroup of process `pid` (the cnvm's init): cgroup v1's
+    memory controller or v2's unified tree, whichever the host has; None if unreadable.
+    (From the process, not from cnvmd.bundle.cgroups_path: after a teleport between
+    hosts the cnvm lives in the cgroup it was dumped from.)"""
+    root = Path("/sys/fs/cgroup")
     try:
-        rel = bundle.cgroups_path(node, name).lstrip("/")
-        return int(Path("/sys/fs/cgroup", rel, "memory.current").read_text().strip())
-    except (OSError, ValueError, Exception):
+        lines = Path(f"/proc/{int(pid)}/cgroup").read_text().splitlines()
+    except (OSError, ValueError):
         return None
+    cands: list[Path] = []
+    for ln in lines:
+        _, ctrls, path = ln.split(":", 2)
+        rel = path.lstrip("/")
+        if "memory" in ctrls.split(","):
+            cands.append(root / "memory" / rel / "memory.usage_in_bytes")
+        elif ctrls == "":
+            cands.append(root / rel / "memory.current")
+    for c in cands:
+        try:
+            return int(c.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class ClusterService:
@@ -199,8 +216,9 @@ class ClusterService:
                 state = "creating"
             ip, mem, image, image_id = rec.get("ip"), rec.get("memory"), rec.get("image"), \
                 rec.get("image_id")
-            use = await asyncio.to_thread(_cgroup_memory, self.node, name) \
-                if state in ("running", "paused") else None
+            pid = s.get("pid")
+            use = await asyncio.to_thread(_cgroup_memory, pid) \
+                if isinstance(pid, int) and state in ("running", "paused") else None
             out.append(Entry(
                 name=name, node=self.node, state=state if state in STATES else "unknown",
                 ip=ip if isinstance(ip, str) and len(ip) <= 15 else None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -77,34 +78,37 @@ async def listed(tl: TeleLab, asker: str) -> dict[str, str]:
 
 async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     tl = clab
-    await tl.deploy("c1", "10.100.101.31", node="node1")
+    await tl.deploy("hdc1", "10.100.101.31", node="node1")
     await counts_within(tl, "node3", {"node1": 1, "node2": 0, "node3": 0})
     # placement: node1 puts c2 on node2, which has no image yet (blobs by digest)
-    res = await tl.call("node1", "deploy", {"name": "c2", "image": tl.image,
+    res = await tl.call("node1", "deploy", {"name": "hdc2", "image": tl.image,
                                             "ip": "10.100.101.32", "node": "node2"})
     assert res["node"] == "node2"
     imgs = await tl.call("node2", "images.ls")
     assert [i for i in imgs if tl.image in i["names"]], imgs
     await counts_within(tl, "node3", {"node1": 1, "node2": 1, "node3": 0})
-    assert await listed(tl, "node3") == {"c1": "node1", "c2": "node2"}
+    assert await listed(tl, "node3") == {"hdc1": "node1", "hdc2": "node2"}
+    rows = {r["name"]: r for r in (await tl.call("node3", "cluster.ls"))["cnvms"]}
+    assert rows["hdc1"]["state"] == "running" and rows["hdc1"]["ip"] == "10.100.101.31"
+    assert rows["hdc1"]["mem_use"] > 0 and rows["hdc1"]["image"] == tl.image, rows
 
     # any-node commands, asked of node3
-    info = await tl.call("node3", "inspect", {"name": "c1"})
+    info = await tl.call("node3", "inspect", {"name": "hdc1"})
     assert info["node"] == "node1" and info["state"] == "running"
-    ex = await tl.call("node3", "exec", {"name": "c1", "cmd": ["hostname"]})
-    assert ex["exit_code"] == 0 and ex["stdout"].strip() == "c1" and ex["node"] == "node1"
-    lg = await tl.call("node3", "logs", {"name": "c1"})
+    ex = await tl.call("node3", "exec", {"name": "hdc1", "cmd": ["hostname"]})
+    assert ex["exit_code"] == 0 and ex["stdout"].strip() == "hdc1" and ex["node"] == "node1"
+    lg = await tl.call("node3", "logs", {"name": "hdc1"})
     assert lg["node"] == "node1"
-    st = await tl.call("node3", "stop", {"name": "c1", "time": 1})
+    st = await tl.call("node3", "stop", {"name": "hdc1", "time": 1})
     assert st["node"] == "node1"
-    assert (await tl.call("node1", "inspect", {"name": "c1"}))["state"] != "running"
-    st = await tl.call("node3", "start", {"name": "c1"})
+    assert (await tl.call("node1", "inspect", {"name": "hdc1"}))["state"] != "running"
+    st = await tl.call("node3", "start", {"name": "hdc1"})
     assert st["node"] == "node1"
-    assert (await tl.call("node1", "inspect", {"name": "c1"}))["state"] == "running"
-    ex = await tl.call("node3", "exec", {"name": "c1", "cmd": ["cat"], "stdin": b"via node3"})
+    assert (await tl.call("node1", "inspect", {"name": "hdc1"}))["state"] == "running"
+    ex = await tl.call("node3", "exec", {"name": "hdc1", "cmd": ["cat"], "stdin": b"via node3"})
     assert ex["stdout"] == "via node3" and ex["node"] == "node1"
     # logs -f through node3: output events relayed from node1
-    await tl.call("node1", "exec", {"name": "c1",
+    await tl.call("node1", "exec", {"name": "hdc1",
                                     "cmd": ["sh", "-c", "echo marker > /proc/1/fd/1"]})
     got: list[str] = []
     seen = asyncio.Event()
@@ -115,7 +119,7 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
             if "marker" in "".join(got):
                 seen.set()
 
-    follow = asyncio.create_task(tl.call("node3", "logs", {"name": "c1", "follow": True},
+    follow = asyncio.create_task(tl.call("node3", "logs", {"name": "hdc1", "follow": True},
                                          on_event=on_out, timeout=None))
     await asyncio.wait_for(seen.wait(), 20)
     follow.cancel()
@@ -124,10 +128,10 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     assert rc == 0, err
     lines = [ln.split() for ln in out.splitlines()]
     assert lines[0][:3] == ["NAME", "NODE", "STATE"], out
-    assert ["c1", "node1"] in [ln[:2] for ln in lines] and ["c2", "node2"] in [
+    assert ["hdc1", "node1"] in [ln[:2] for ln in lines] and ["hdc2", "node2"] in [
         ln[:2] for ln in lines], out
     rc, out, err = await cnvmctl("--node", "node3", "--json", "ls", "--node", "node2")
-    assert [(r["name"], r["node"]) for r in json.loads(out)] == [("c2", "node2")], out
+    assert [(r["name"], r["node"]) for r in json.loads(out)] == [("hdc2", "node2")], out
     rc, out, err = await cnvmctl("--node", "node3", "nodes")
     assert rc == 0 and "CNVMS" in out, err
     with pytest.raises(ProtoError) as ei:
@@ -138,33 +142,33 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     await tl.call("node1", "cordon", {"node": "node2"})
     await asyncio.sleep(0.5)
     with pytest.raises(ProtoError) as ei:
-        await tl.call("node3", "teleport", {"name": "c1", "target": "node2"}, timeout=120)
+        await tl.call("node3", "teleport", {"name": "hdc1", "target": "node2"}, timeout=120)
     assert ei.value.code == ErrorCode.CONFLICT and "cordoned" in ei.value.message
     view = await tl.call("node1", "nodes")
     assert {n["name"]: n["cordoned"] for n in view["nodes"]}["node2"] is True
     # teleport asked of node3, auto target: node3 (node2 is cordoned)
-    rep = await tl.call("node3", "teleport", {"name": "c1", "target": "auto"}, timeout=180)
+    rep = await tl.call("node3", "teleport", {"name": "hdc1", "target": "auto"}, timeout=180)
     assert rep["ok"] and rep["target"] == "node3" and rep["node"] == "node1"
     await counts_within(tl, "node2", {"node1": 0, "node2": 1, "node3": 1})
-    info = await tl.call("node1", "inspect", {"name": "c1"})  # routed to node3 now
+    info = await tl.call("node1", "inspect", {"name": "hdc1"})  # routed to node3 now
     assert info["node"] == "node3"
-    reps = await tl.call("node2", "teleport.reports", {"name": "c1"})
+    reps = await tl.call("node2", "teleport.reports", {"name": "hdc1"})
     assert reps["node"] == "node3" and reps["reports"][-1]["target"] == "node3"
     await tl.call("node1", "uncordon", {"node": "node2"})
 
     # rm from another node
-    await tl.call("node1", "rm", {"name": "c2", "force": True})
+    await tl.call("node1", "rm", {"name": "hdc2", "force": True})
     await counts_within(tl, "node3", {"node1": 0, "node2": 0, "node3": 1})
-    assert await listed(tl, "node1") == {"c1": "node3"}
+    assert await listed(tl, "node1") == {"hdc1": "node3"}
 
     # a taken name is a conflict anywhere
     with pytest.raises(ProtoError) as ei:
-        await tl.call("node2", "deploy", {"name": "c1", "image": tl.image})
+        await tl.call("node2", "deploy", {"name": "hdc1", "image": tl.image})
     assert ei.value.code == ErrorCode.CONFLICT
 
     # two concurrent deploys of one name on two nodes: exactly one wins
     for round_ in range(3):
-        name = f"dup{round_}"
+        name = f"hddup{round_}"
         res2 = await asyncio.gather(
             tl.call("node1", "deploy", {"name": name, "image": tl.image}),
             tl.call("node2", "deploy", {"name": name, "image": tl.image}),
@@ -181,7 +185,7 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
 
 async def test_evacuate_with_a_target_killed_then_rerun(clab: TeleLab):
     tl = clab
-    names = [f"e{i}" for i in range(6)]
+    names = [f"hde{i}" for i in range(6)]
     ips = {n: f"10.100.101.{41 + i}" for i, n in enumerate(names)}
     for n in names:
         await tl.deploy(n, ips[n], node="node1")
@@ -248,20 +252,20 @@ async def test_partition_heals_and_cancel_from_another_node(clab: TeleLab):
     from cnvmd import netlink
 
     tl = clab
-    await tl.deploy("k1", "10.100.101.51", node="node1")
-    await tl.call("node1", "deploy", {"name": "z3", "image": tl.image, "node": "node3",
+    await tl.deploy("hdk1", "10.100.101.51", node="node1")
+    await tl.call("node1", "deploy", {"name": "hdz3", "image": tl.image, "node": "node3",
                                       "ip": "10.100.101.53"})
     # teleport --cancel asked of node2 reaches the source (node1) of a teleport asked
     # of node3; the cnvm resumes on node1
     t = asyncio.create_task(tl.call("node3", "teleport", {
-        "name": "k1", "target": "node2", "mode": "stop-copy", "hold": {"transfer": 4}},
+        "name": "hdk1", "target": "node2", "mode": "stop-copy", "hold": {"transfer": 4}},
         timeout=180))
     await asyncio.sleep(1.5)
-    res = await tl.call("node2", "teleport.cancel", {"name": "k1"}, timeout=180)
+    res = await tl.call("node2", "teleport.cancel", {"name": "hdk1"}, timeout=180)
     assert res["cancelled"] and res["node"] == "node1", res
     with pytest.raises(ProtoError):
         await t
-    assert (await tl.call("node3", "inspect", {"name": "k1"}))["node"] == "node1"
+    assert (await tl.call("node3", "inspect", {"name": "hdk1"}))["node"] == "node1"
 
     # node3 cut off: once judged down, each side deploys on its own (a name can then
     # exist twice: listed as a duplicate when the partition heals, nothing removed)
@@ -275,12 +279,12 @@ async def test_partition_heals_and_cancel_from_another_node(clab: TeleLab):
                 break
             assert time.monotonic() < end, (v1, v3)
             await asyncio.sleep(0.5)
-        await tl.call("node1", "deploy", {"name": "p1", "image": tl.image})
-        await tl.call("node1", "rm", {"name": "k1", "force": True})
-        await tl.call("node1", "deploy", {"name": "twin", "image": tl.image})
-        await tl.call("node3", "deploy", {"name": "twin", "image": tl.image})
+        await tl.call("node1", "deploy", {"name": "hdp1", "image": tl.image})
+        await tl.call("node1", "rm", {"name": "hdk1", "force": True})
+        await tl.call("node1", "deploy", {"name": "hdtwin", "image": tl.image})
+        await tl.call("node3", "deploy", {"name": "hdtwin", "image": tl.image})
         ls3 = await listed(tl, "node3")
-        assert "p1" not in ls3 and "k1" in ls3  # node3 cannot know yet
+        assert "hdp1" not in ls3 and "hdk1" in ls3  # node3 cannot know yet
     finally:
         await netlink.link_up("node3", tl.lab.ul_netns)
     # healed: node3 catches up (anti-entropy), everybody sees the duplicate
@@ -289,12 +293,38 @@ async def test_partition_heals_and_cancel_from_another_node(clab: TeleLab):
         res3 = await tl.call("node3", "cluster.ls")
         names3 = {(r["name"], r["node"]) for r in res3["cnvms"]}
         res2 = await tl.call("node2", "cluster.ls")
-        if ("p1", "node1") in names3 and ("k1", "node1") not in names3 \
-                and sorted(res2["duplicates"].get("twin", [])) == ["node1", "node3"]:
+        if ("hdp1", "node1") in names3 and ("hdk1", "node1") not in names3 \
+                and sorted(res2["duplicates"].get("hdtwin", [])) == ["node1", "node3"]:
             break
         assert time.monotonic() < end, (names3, res2["duplicates"])
         await asyncio.sleep(0.5)
     # a duplicate is addressed per node; removing one leaves one
-    await tl.call("node3", "rm", {"name": "twin", "force": True})
+    await tl.call("node3", "rm", {"name": "hdtwin", "force": True})
     await asyncio.sleep(0.5)
     assert (await tl.call("node2", "cluster.ls"))["duplicates"] == {}
+
+    # Ctrl-C on `cnvmctl evacuate` cancels the teleports in flight: rolled back
+    for q in ("hdq1", "hdq2"):
+        await tl.call("node2", "deploy", {"name": q, "image": tl.image})
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cnvmctl", "--lab", "hd", "--node", "node1", "evacuate", "node2",
+        "-j", "2", "--mode", "stop-copy", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert p.stderr is not None
+    seen = ""
+    while "moving" not in seen:
+        line = await asyncio.wait_for(p.stderr.readline(), 60)
+        assert line, seen
+        seen += line.decode()
+    p.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(p.communicate(), 120)
+    assert p.returncode != 0, (out, err)
+    end = time.monotonic() + 60
+    while True:  # the daemon finishes the rollback on its own
+        where2 = {r["name"]: r["state"] for r in await tl.call("node2", "ls")}
+        others = [r["name"] for n in ("node1", "node3") for r in await tl.call(n, "ls")]
+        if all(where2.get(q) == "running" for q in ("hdq1", "hdq2")) \
+                and not {"hdq1", "hdq2"} & set(others):
+            break
+        assert time.monotonic() < end, (where2, others, seen, err)
+        await asyncio.sleep(0.5)
