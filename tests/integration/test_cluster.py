@@ -92,6 +92,22 @@ async def test_directory_any_node_placement_unique_names(clab: TeleLab):
     assert rows["hdc1"]["state"] == "running" and rows["hdc1"]["ip"] == "10.100.101.31"
     assert rows["hdc1"]["mem_use"] > 0 and rows["hdc1"]["image"] == tl.image, rows
 
+    # bad input is invalid_argument, never internal
+    for op, a in [("cluster.ls", {"node": 5}), ("cluster.ls", {"node": "../x"}),
+                  ("cordon", {"node": "a b"}), ("uncordon", {}),
+                  ("evacuate", {"node": "node1", "to": ["x/y"]}),
+                  ("evacuate", {"node": "node1", "parallel": 0}),
+                  ("evacuate", {"node": "node1", "mode": "warp"}),
+                  ("evacuate", {"node": "node1", "bogus": 1}),
+                  ("deploy", {"name": "hdx", "image": tl.image, "node": 5}),
+                  ("deploy", {"name": "hdx", "image": tl.image, "node": "a/b"}),
+                  ("deploy", {"name": "Bad Name", "image": tl.image}),
+                  ("place", {"memory": "lots"}), ("teleport", {"name": "hdc1", "target": 5}),
+                  ("inspect", {"name": "Bad Name"}), ("logs", {"name": 7})]:
+        with pytest.raises(ProtoError) as ei:
+            await tl.call("node3", op, a)
+        assert ei.value.code == ErrorCode.INVALID_ARGUMENT, (op, a, ei.value)
+
     # any-node commands, asked of node3
     info = await tl.call("node3", "inspect", {"name": "hdc1"})
     assert info["node"] == "node1" and info["state"] == "running"
@@ -328,3 +344,21 @@ async def test_partition_heals_and_cancel_from_another_node(clab: TeleLab):
             break
         assert time.monotonic() < end, (where2, others, seen, err)
         await asyncio.sleep(0.5)
+
+    # the evacuation runs in the daemon: killing the CLI does not stop it
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cnvmctl", "--lab", "hd", "--node", "node1", "evacuate", "node2",
+        "-j", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert p.stderr is not None
+    line = await asyncio.wait_for(p.stderr.readline(), 60)
+    assert b"evacuating node2" in line, line
+    p.kill()
+    await p.wait()
+    end = time.monotonic() + 120
+    while True:
+        where = await listed(tl, "node3")
+        if where.get("hdq1") in ("node1", "node3") and where.get("hdq2") in ("node1", "node3"):
+            break
+        assert time.monotonic() < end, where
+        await asyncio.sleep(0.5)
+    assert [r["name"] for r in await tl.call("node2", "ls")] == []

@@ -141,3 +141,34 @@ def test_default_parallel_follows_cpus_and_link():
     assert default_parallel(Resources(cpus=8, link_mbps=1000), 2) == 1
     assert default_parallel(Resources(cpus=8, link_mbps=0), 5) == 1
     assert default_parallel(None, 1) == 1
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+                  st.binary(max_size=8))
+_json = st.recursive(_leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                st.dictionaries(st.text(max_size=10), c,
+                                                                max_size=4)), max_leaves=20)
+_entry = st.fixed_dictionaries({"name": st.one_of(st.just("web"), st.text(max_size=5)),
+                                "node": st.one_of(st.just("node2"), _leaf),
+                                "state": st.one_of(st.just("running"), _leaf)},
+                               optional={"ip": _leaf, "memory": _leaf, "mem_use": _leaf,
+                                         "image": _leaf, "image_id": _leaf, "x": _leaf})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_json, st.fixed_dictionaries(
+    {"node": st.one_of(st.just("node2"), _leaf), "incarnation": _leaf, "version": _leaf,
+     "entries": st.one_of(st.lists(_entry, max_size=3), _json),
+     "resources": st.one_of(_json, st.dictionaries(
+         st.sampled_from(["mem_total", "mem_free", "cpus", "load", "cordoned", "link_mbps",
+                          "images"]), _json, max_size=7))})))
+def test_parse_doc_never_fails_other_than_value_error(d: object):
+    """Whatever a member sends, parse_doc accepts a valid document or raises ValueError
+    (the peer op maps it to invalid_argument), never anything else."""
+    try:
+        parse_doc("node2", d)
+    except ValueError:
+        pass
