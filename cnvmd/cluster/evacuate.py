@@ -83,6 +83,7 @@ async def evacuate(ctx: Context, args: Args) -> dict[str, Any]:
     movable.sort(key=lambda r: (-(r.get("memory") or 0), r["name"]))
     plan = placement.Plan()
     items: list[dict[str, Any]] = []
+    capable = cl.teleport_capable
 
     def alive(n: str) -> bool:
         return cl.member_state(n) == "alive"
@@ -92,7 +93,7 @@ async def evacuate(ctx: Context, args: Args) -> dict[str, Any]:
         e = next((x for x in cl.dir.where(r["name"]) if x.node == node), None)
         cands = placement.candidates(cl.dir, need=need, alive=alive, exclude=(node,),
                                      only=to or None, image_id=e.image_id if e else None,
-                                     plan=plan)
+                                     plan=plan, capable=capable)
         target = next((n for n, w in cands if w is None), None)
         item: dict[str, Any] = {"cnvm": r["name"], "from": node, "to": target,
                                 "memory": r.get("memory"), "mode": None, "frozen": None,

@@ -77,11 +77,12 @@ def check_target(cl: ClusterService, target: str, *, what: str, strict: bool = T
 
 
 def auto_target(cl: ClusterService, *, need: int | None, image_id: str | None,
-                exclude: tuple[str, ...] = ()) -> str:
-    """`auto`: the best node by free memory against the limit and spread."""
+                exclude: tuple[str, ...] = (), teleport: bool = False) -> str:
+    """`auto`: the best node by free memory against the limit, capabilities and spread."""
     want = need or placement.DEFAULT_NEED
     cands = placement.candidates(cl.dir, need=want, exclude=exclude, image_id=image_id,
-                                 alive=lambda n: cl.member_state(n) == "alive")
+                                 alive=lambda n: cl.member_state(n) == "alive",
+                                 capable=cl.teleport_capable if teleport else None)
     for node, why in cands:
         if why is None:
             return node
@@ -125,7 +126,7 @@ def _teleport_target(cl: ClusterService, target: Any, source: str, e: Entry | No
         if e is None:
             e = next((x for x in cl.dir.where(name) if x.node == source), None)
         return auto_target(cl, need=e.memory if e else None, image_id=e.image_id if e else None,
-                           exclude=(source,))
+                           exclude=(source,), teleport=True)
     if NODE_RE.fullmatch(target) and target != source:
         check_target(cl, target, what=f"teleport of {name}", strict=False)
     return target
@@ -243,8 +244,8 @@ def node_rows(cl: ClusterService, nodes: list[dict[str, Any]]) -> None:
     for n in nodes:
         name = n.get("name")
         doc = cl.dir.docs.get(name) if isinstance(name, str) else None
-        if doc is None:
-            n.setdefault("cordoned", None)
+        if doc is None:  # no document from it yet: unknown, not 0
+            n.update({"cnvm_count": None, "cordoned": None})
             continue
         r = doc.resources
         n.update({"cnvm_count": len(doc.entries), "mem_total": r.mem_total,

@@ -1,6 +1,7 @@
 """Where a cnvm should go: `deploy --node auto`, `teleport NAME auto`, evacuate plans.
 
-A node qualifies if it is alive, not cordoned, not excluded, and its free memory
+A node qualifies if it is alive, not cordoned, not excluded, capable (for a
+teleport target: CRIU with TCP repair, as the node's membership record says), and its free memory
 (minus what this plan already put on it) fits the cnvm's limit (or `DEFAULT_NEED`
 for a cnvm without one). Among those, spread wins: fewest cnvms per CPU (counting
 planned ones), then most free memory, then a node that already has the image (no
@@ -32,7 +33,8 @@ class Plan:
 
 def candidates(d: Directory, *, need: int, alive: Callable[[str], bool],
                exclude: Iterable[str] = (), only: Iterable[str] | None = None,
-               image_id: str | None = None, plan: Plan | None = None
+               image_id: str | None = None, plan: Plan | None = None,
+               capable: Callable[[str], str | None] | None = None
                ) -> list[tuple[str, str | None]]:
     """Every node with why it does not qualify (None: it does), best first."""
     plan = plan or Plan()
@@ -52,6 +54,8 @@ def candidates(d: Directory, *, need: int, alive: Callable[[str], bool],
             why = "not alive"
         elif r.cordoned:
             why = "cordoned"
+        elif capable is not None and (lack := capable(node)) is not None:
+            why = lack
         elif free < need:
             why = f"{free >> 20} MiB free < {need >> 20} MiB needed"
         key = (count / max(1, r.cpus), -free, not (image_id and image_id in r.images), node)

@@ -162,6 +162,16 @@ class ClusterService:
             return "unknown"
         return str(svc.membership.state_of(node))
 
+    def teleport_capable(self, node: str) -> str | None:
+        """Why `node` cannot receive a teleport (None: it can, or its caps are unknown
+        and its preflight will say): CRIU must restore TCP connections."""
+        svc = self.peers
+        m = svc.membership.get(node) if svc is not None else None
+        caps = m.caps if m is not None else {}
+        if caps and caps.get("tcp_repair") is False:
+            return "its CRIU cannot restore TCP connections"
+        return None
+
     def _watch_membership(self) -> None:
         svc = self.peers
         if svc is None or self._unlisten is not None:

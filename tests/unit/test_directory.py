@@ -133,6 +133,8 @@ def test_placement_fit_spread_cordon():
     assert sorted(got) == ["node2", "node3", "node3", "node3"]  # spread by count
     why = dict(placement.candidates(d, need=GIB, alive=alive))
     assert why["node4"] == "cordoned"
+    no_tcp = (lambda n: "no TCP repair" if n == "node3" else None)  # noqa: E731
+    assert placement.pick(d, need=GIB, alive=alive, capable=no_tcp) == "node2"
 
 
 def test_default_parallel_follows_cpus_and_link():
