@@ -357,8 +357,9 @@ async def test_partition_heals_and_cancel_from_another_node(clab: TeleLab):
     end = time.monotonic() + 120
     while True:
         where = await listed(tl, "node3")
-        if where.get("hdq1") in ("node1", "node3") and where.get("hdq2") in ("node1", "node3"):
+        left = [r["name"] for r in await tl.call("node2", "ls")]
+        if where.get("hdq1") in ("node1", "node3") and where.get("hdq2") in ("node1", "node3") \
+                and left == []:
             break
-        assert time.monotonic() < end, where
+        assert time.monotonic() < end, (where, left)
         await asyncio.sleep(0.5)
-    assert [r["name"] for r in await tl.call("node2", "ls")] == []
