@@ -20,6 +20,7 @@ from proto.messages import ErrorCode, ProtoError
 
 if TYPE_CHECKING:
     from cnvmd.api import Router
+    from cnvmd.cluster.service import ClusterService
     from cnvmd.events import EventBus
     from cnvmd.lifecycle import Lifecycle
     from cnvmd.metrics import Metrics
@@ -49,6 +50,9 @@ PEERS: Key[PeerService] = Key("peers", "the peer mesh")
 TELEPORTS: Key[Teleports] = Key("teleports", "the teleport engine")
 METRICS: Key[Metrics] = Key("metrics", "the metrics endpoint")
 EVENTS: Key[EventBus] = Key("events", "the event stream")
+DIRECTORY: Key[ClusterService] = Key("directory", "the cluster directory")
+"""Every cnvm of the cluster: ``.dir.lookup(name)`` -> Entry (ip, node), ``.dir.entries()``,
+``.dir.add_listener(cb)`` / ``await .dir.wait_change()`` (cnvmd.cluster.directory)."""
 
 
 class Services:

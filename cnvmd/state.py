@@ -67,6 +67,16 @@ class StateStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.on_change: list[Callable[[str, str], None]] = []
+        """``cb(kind, name)`` after each save/delete (may run in a worker thread): the
+        cluster directory follows cnvm records this way."""
+
+    def _changed(self, kind: str, name: str) -> None:
+        for cb in list(self.on_change):
+            try:
+                cb(kind, name)
+            except Exception:  # a listener never breaks a state write
+                pass
 
     def _path(self, kind: str, name: str) -> Path:
         if (not isinstance(kind, str) or not isinstance(name, str)
@@ -78,6 +88,7 @@ class StateStore:
     def save(self, kind: str, name: str, data: dict[str, Any]) -> None:
         body = json.dumps(data, indent=1, sort_keys=True, default=str).encode() + b"\n"
         atomic_write(self._path(kind, name), body)
+        self._changed(kind, name)
 
     def load(self, kind: str, name: str) -> dict[str, Any] | None:
         try:
@@ -90,6 +101,7 @@ class StateStore:
     def delete(self, kind: str, name: str) -> bool:
         try:
             self._path(kind, name).unlink()
+            self._changed(kind, name)
             return True
         except FileNotFoundError:
             return False

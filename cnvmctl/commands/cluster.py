@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from cnvmctl.context import Ctx
-from cnvmctl.output import cell, print_table
+from cnvmctl.output import cell, print_table, size
 from cnvmctl.registry import arg, command, group
 
 group("cluster", help="create a cluster, mint join tokens, revoke nodes")
@@ -75,8 +75,9 @@ def _caps(c: Any) -> str:
 
 
 @command("nodes", help="list cluster members as this node sees them",
-         description="Name, underlay address, state (alive/suspect/down), last seen, cnvm count "
-                     "and capabilities\nof every member.")
+         description="Name, underlay address, state (alive/suspect/down, cordoned), last seen, "
+                     "cnvm count,\nfree/total memory, CPUs, load and capabilities of every "
+                     "member (cnvm counts and\nresources from the cluster directory).")
 async def nodes(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("nodes")
 
@@ -85,10 +86,14 @@ async def nodes(ctx: Ctx, a: argparse.Namespace) -> None:
             print(f"{r.get('node')} is not in a cluster (cnvmctl cluster init | join)")
             return
         rows = [{**n, "address": f"{n['addr'] or '?'}:{n['port']}",
-                 "name": n["name"] + (" *" if n["name"] == r["node"] else "")}
+                 "name": n["name"] + (" *" if n["name"] == r["node"] else ""),
+                 "state": n["state"] + (",cordoned" if n.get("cordoned") else ""),
+                 "memory": (f"{size(n['mem_free'])}/{size(n['mem_total'])}"
+                            if n.get("mem_total") else "-")}
                 for n in r["nodes"]]
         print_table(rows, [("NAME", "name"), ("ADDRESS", "address"), ("STATE", "state"),
                            ("LAST SEEN", "last_seen"), ("CNVMS", "cnvm_count"),
+                           ("MEM FREE/TOTAL", "memory"), ("CPUS", "cpus"), ("LOAD", "load"),
                            ("CAPABILITIES", "caps")],
                     {"last_seen": _ago, "caps": _caps, "cnvm_count": cell})
 

@@ -83,17 +83,47 @@ def render_ls(rows: list[dict[str, Any]]) -> None:
                  "memory": lambda m: size(m) if isinstance(m, int) else cell(m)})
 
 
-@command("ls", help="list this node's cnvms",
-         description="List the node's cnvms: their live state as runc reports it, joined with "
-                     "the daemon's records.\n\n"
+@command("ls", help="list the cnvms of the whole cluster (or of one node)",
+         description="List every cnvm of the cluster with the node that runs it (the cluster "
+                     "directory,\ncurrent within about a second). --local lists this node's "
+                     "cnvms from runc and\nthe daemon's records instead (with PID, uptime and "
+                     "adoption).\n\n"
                      "STATE notes: 'adopted' = already running when this daemon started "
                      "(it took it over);\n'unmanaged' = a container in the daemon's runc root "
                      "without a cnvm record;\n'missing' = recorded as running but no container "
                      "exists;\n'exited (N)' = its process exited with status N and its restart "
-                     "policy\nleft it so; 'restarting' = waiting out the restart backoff. "
-                     "RESTARTS counts the\npolicy's restarts since the last deploy/start.")
+                     "policy\nleft it so; 'restarting' = waiting out the restart backoff; "
+                     "'(node down)' = its node\ndoes not answer: the last known state. "
+                     "RESTARTS counts the policy's restarts\nsince the last deploy/start.",
+         epilog="examples:\n  cnvmctl ls                 # every node\n"
+                "  cnvmctl ls --node node2    # only node2's cnvms\n"
+                "  cnvmctl ls --local         # this node, with PIDs and uptime",
+         args=[arg("--node", "--on", dest="on_node", metavar="NODE", help="only the cnvms of NODE"),
+               arg("--local", action="store_true", help="this node only, from runc")])
 async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
-    ctx.output(await ctx.call("ls"), render_ls)
+    if a.local:
+        ctx.output(await ctx.call("ls"), render_ls)
+        return
+    res = await ctx.call("cluster.ls", {"node": a.on_node} if a.on_node else {})
+    rows = res["cnvms"]
+    if not res.get("cluster"):  # a node alone: the classic view
+        ctx.output(rows, render_ls)
+        return
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        shown = [{**r, "state": _state(r) + (" (node down)" if r.get("node_state") == "down"
+                                             else "")
+                  + (" DUPLICATE" if r.get("duplicate") else "")} for r in rows]
+
+        def mem(m: Any) -> str:
+            return size(m) if isinstance(m, int) else cell(m)
+
+        print_table(shown, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
+                            ("PID", "pid"), ("IMAGE", "image"), ("IP", "ip"),
+                            ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime")],
+                    {"uptime": duration, "memory": mem, "mem_use": mem})
+
+    ctx.output(rows, human)
 
 
 def _exited(r: dict[str, Any]) -> str:

@@ -114,7 +114,11 @@ def _cnvm(r: dict[str, Any]) -> None:
                      "dir, a runc\nbundle with the given limits, a network namespace, and "
                      "start it. Everything after\n`--` replaces the image's command "
                      "(Cmd; the Entrypoint stays).",
-         epilog="example: cnvmctl deploy web1 --image busybox --memory 256M --env PORT=8080\n\n"
+         epilog="example: cnvmctl deploy web1 --image busybox --memory 256M --env PORT=8080\n"
+                "         cnvmctl deploy web2 --image busybox --node auto  # best node\n\n"
+                "names are unique in the cluster: a name taken on any node is a conflict.\n"
+                "--node NODE|auto deploys elsewhere (auto: free memory vs --memory, spread,\n"
+                "never a cordoned node); a node without the image gets it from this one.\n\n"
                 "sandbox: a cnvm runs under Docker's default seccomp profile (no new\n"
                 "namespaces, keyrings, perf_event_open, io_uring, bpf, mounts, ...) and, by\n"
                 "default, noNewPrivileges (setuid binaries such as su/sudo cannot raise\n"
@@ -124,6 +128,8 @@ def _cnvm(r: dict[str, Any]) -> None:
          configure=_after_dashdash,
          args=[arg("name", metavar="NAME", help="cnvm name (a DNS label)"),
                arg("--image", required=True, help="image name or id"),
+               arg("--node", "--on", dest="on_node", metavar="NODE|auto",
+                   help="deploy on NODE, or on the best node with auto (default: this node)"),
                arg("--hostname", help="hostname inside (default: NAME)"),
                arg("--ip", help="IP on the overlay network (default: allocated)"),
                arg("--memory", help="memory limit, e.g. 256M, 1G"),
@@ -147,7 +153,8 @@ async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
                                         "hostname": a.hostname, "ip": a.ip,
                                         "memory": a.memory, "cpus": a.cpus, "env": a.env,
                                         "security_opt": a.security_opt, "cmd": cmd,
-                                        "restart": a.restart},
+                                        "restart": a.restart,
+                                        **({"node": a.on_node} if a.on_node else {})},
                             on_event=p.on_event)
     ctx.output(res, _cnvm)
 
@@ -158,13 +165,13 @@ async def deploy(ctx: Ctx, a: argparse.Namespace) -> None:
                    help="seconds between SIGTERM and SIGKILL (default 10)")])
 async def stop(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("stop", {"name": a.name, "time": a.time})
-    ctx.output(res, lambda r: print(f"stopped {r['name']}"))
+    ctx.output(res, lambda r: print(f"stopped {r['name']} on {r.get('node', '?')}"))
 
 
 @command("start", help="start a stopped cnvm", args=[arg("name", metavar="NAME")])
 async def start(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("start", {"name": a.name})
-    ctx.output(res, lambda r: print(f"started {r['name']}"))
+    ctx.output(res, lambda r: print(f"started {r['name']} on {r.get('node', '?')}"))
 
 
 @command("rm", help="remove a cnvm and its files",
@@ -172,7 +179,7 @@ async def start(ctx: Ctx, a: argparse.Namespace) -> None:
                arg("--force", "-f", action="store_true", help="also when it is running")])
 async def rm(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("rm", {"name": a.name, "force": a.force})
-    ctx.output(res, lambda r: print(f"removed {r['name']}"))
+    ctx.output(res, lambda r: print(f"removed {r['name']} from {r.get('node', '?')}"))
 
 
 @command("exec", help="run a command inside a cnvm (its exit code is passed through)",

@@ -63,16 +63,19 @@ def render_timeline(r: dict[str, Any], width: int = 30) -> None:
                      "Modes: auto (default: the best both nodes support, and why), postcopy "
                      "(lazy pages),\nstop-copy (always available), precopy / hybrid (need "
                      "kernel dirty-page tracking).",
-         epilog="--json prints the report: mode, mode_reason, rounds, frozen_seconds, "
+         epilog="Any member may be asked: the node running NAME carries it out.\n"
+                "--json prints the report: mode, mode_reason, rounds, frozen_seconds, "
                 "total_seconds,\nwire_bytes, phases. `cnvmctl teleports NAME` lists the kept "
                 "reports.",
          args=[arg("name", metavar="NAME", help="the cnvm (or, with --cancel, its name)"),
-               arg("target", metavar="NODE", nargs="?", help="target node"),
+               arg("target", metavar="NODE", nargs="?",
+                   help="target node, or auto (free memory vs the cnvm's limit, spread, "
+                        "never a cordoned node)"),
                arg("--mode", choices=MODES, default="auto"),
                arg("--max-downtime", type=float, default=0.3, metavar="SECONDS",
                    help="pre-copy switches over when the rest fits this (default 0.3)"),
                arg("--cancel", action="store_true",
-                   help="cancel the teleport of NAME in flight (on the source node)")])
+                   help="cancel the teleport of NAME in flight (asked of any member)")])
 async def teleport(ctx: Ctx, a: argparse.Namespace) -> int | None:
     if a.cancel:
         res = await ctx.call("teleport.cancel", {"name": a.name})

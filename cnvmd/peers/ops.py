@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from cnvmd.api import Args, Context, Router, dispatch
-from cnvmd.services import PEERS, Plugin
+from cnvmd.services import DIRECTORY, PEERS, Plugin
 
 from .service import PeerService
 from .trust import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
@@ -97,8 +97,14 @@ async def nodes(ctx: Context, args: Args) -> dict[str, Any]:
     """Members as this node sees them: address, state, last seen, cnvms, capabilities."""
     args.reject_unknown()
     svc = _svc(ctx)
+    out = svc.nodes()
+    directory = ctx.daemon.services.get(DIRECTORY)
+    if directory is not None:  # cnvm counts, memory, CPUs, load, cordon (cnvmd.cluster)
+        from cnvmd.cluster.ops import node_rows
+
+        node_rows(directory, out)
     return {"node": svc.name, "cluster_id": svc.cluster.cluster_id if svc.cluster else None,
-            "nodes": svc.nodes()}
+            "nodes": out}
 
 
 @router.op("forward")

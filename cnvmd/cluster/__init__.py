@@ -1,0 +1,1 @@
+"""Cluster-wide view: directory of cnvms, any-node routing, placement, evacuate."""
