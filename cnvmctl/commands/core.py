@@ -120,7 +120,8 @@ async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
 
         print_table(shown, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
                             ("PID", "pid"), ("IMAGE", "image"), ("IP", "ip"),
-                            ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime")],
+                            ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime"),
+                            ("RESTARTS", "restarts")],
                     {"uptime": duration, "memory": mem, "mem_use": mem})
 
     ctx.output(rows, human)
