@@ -201,6 +201,11 @@ class TeleLab:
             p.send_signal(signal.SIGKILL)
         await p.wait()
 
+    def print_logs(self, lines: int = 40) -> None:
+        """The tail of every node's cnvmd log (a failing test's diagnostics)."""
+        for n in self.lab.node_names:
+            print(f"--- {n} cnvmd.log\n" + "\n".join(self.daemon_log(n).splitlines()[-lines:]))
+
     def daemon_log(self, node: str) -> str:
         p = labpaths.node_run_dir(self.lab.name, node) / "cnvmd.log"
         try:

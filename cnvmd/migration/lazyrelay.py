@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cnvmd.peers.streams import PeerStream, TcpRelay, abort_tcp
+
 from . import criuimg
 
 log = logging.getLogger(__name__)
@@ -404,8 +406,6 @@ async def prefetch_splice(upstream: Upstream, reader: asyncio.StreamReader,
                           pagemaps: dict[int, list[tuple[int, int]]]) -> Prefetcher:
     """Relay one lazy-pages connection with prefetch; on failure both sides are reset
     (the source's page server must not take a failure for "all pages served")."""
-    from cnvmd.peers.streams import abort_tcp
-
     p = Prefetcher(upstream, reader, writer, pagemaps)
     try:
         await p.run()
@@ -420,69 +420,26 @@ async def prefetch_splice(upstream: Upstream, reader: asyncio.StreamReader,
     return p
 
 
-class PrefetchRelay:
+class PrefetchRelay(TcpRelay):
     """A loopback listener for CRIU's lazy-pages daemon; each connection is relayed to
-    a new stream from `opener` with prefetch (the interface of peers' TcpRelay)."""
+    a new stream from `opener` with prefetch (peers' TcpRelay with another `_relay`)."""
 
-    def __init__(self, opener: Callable[[], Awaitable[Upstream]], label: str,
+    def __init__(self, opener: Callable[[], Awaitable[PeerStream]], label: str,
                  images: Path) -> None:
-        self._opener = opener
-        self.label = label
+        super().__init__(opener, label)
         self.images = images
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
         self.prefetched = 0
         self.hits = 0
-        self.connections = 0
-        self.errors: list[str] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, local_host: str, local_port: int) -> PrefetchRelay:
-        self.server = await asyncio.start_server(self._accept, local_host, local_port,
-                                                 limit=1 << 20)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from cnvmd.peers.streams import abort_tcp
-
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        try:
-            t0 = time.monotonic()
-            pagemaps = await asyncio.to_thread(read_pagemaps, self.images)
-            stream = await self._opener()
-            p = await prefetch_splice(stream, reader, writer, pagemaps)
-            self.bytes_up += p.bytes_up
-            self.bytes_down += p.bytes_down
-            self.prefetched += p.prefetched
-            self.hits += p.hits
-            dt = time.monotonic() - t0
-            log.info("lazy relay to %s: %.1f MB in %.2f s (%.0f MB/s), %.1f MB prefetched, "
-                     "%d answers from the prefetch", self.label, p.bytes_down / 1e6, dt,
-                     p.bytes_down / 1e6 / max(dt, 1e-6), p.prefetched / 1e6, p.hits)
-        except Exception as exc:
-            self.errors.append(str(exc))
-            log.warning("lazy relay to %s failed: %s", self.label, exc)
-            abort_tcp(writer)
-        except asyncio.CancelledError:
-            abort_tcp(writer)
-            raise
-        finally:
-            self._tasks.discard(task)
-
-    async def wait_idle(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def _relay(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> tuple[int, int]:
+        t0 = time.monotonic()
+        pagemaps = await asyncio.to_thread(read_pagemaps, self.images)
+        p = await prefetch_splice(await self._opener(), reader, writer, pagemaps)
+        self.prefetched += p.prefetched
+        self.hits += p.hits
+        dt = time.monotonic() - t0
+        log.info("lazy relay to %s: %.1f MB in %.2f s (%.0f MB/s), %.1f MB prefetched, "
+                 "%d answers from the prefetch", self.label, p.bytes_down / 1e6, dt,
+                 p.bytes_down / 1e6 / max(dt, 1e-6), p.prefetched / 1e6, p.hits)
+        return p.bytes_up, p.bytes_down

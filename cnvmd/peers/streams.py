@@ -263,8 +263,7 @@ class TcpRelay:
         self._tasks.add(task)
         self.connections += 1
         try:
-            stream = await self._opener()
-            up, down = await splice(stream, reader, writer)
+            up, down = await self._relay(reader, writer)
             self.bytes_up += up
             self.bytes_down += down
         except Exception as exc:
@@ -276,6 +275,13 @@ class TcpRelay:
             raise
         finally:
             self._tasks.discard(task)
+
+    async def _relay(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> tuple[int, int]:
+        """One accepted connection: open the stream and copy bytes both ways; returns
+        (up, down). Subclasses relay differently (migration.lazyrelay speaks CRIU's
+        page-server protocol)."""
+        return await splice(await self._opener(), reader, writer)
 
     async def wait_idle(self) -> None:
         """Wait until every relayed connection has finished."""

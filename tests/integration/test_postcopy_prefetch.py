@@ -100,8 +100,7 @@ async def test_postcopy_pages_are_intact(tmp_path: Path) -> None:
             where = dst
         assert await tl.where(NAME) == ["node1"]
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-30:]))
+        tl.print_logs(30)
         raise
     finally:
         await tl.down()

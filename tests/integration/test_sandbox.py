@@ -101,8 +101,7 @@ async def sandbox_lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
                                           "security_opt": OPT_OUT})
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-25:]))
+        tl.print_logs(25)
         raise
     finally:
         await tl.down()

@@ -40,8 +40,7 @@ async def tlab(tmp_path: Path):
         await tl.up(tmp_path)
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-25:]))
+        tl.print_logs(25)
         raise
     finally:
         await tl.down()

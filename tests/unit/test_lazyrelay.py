@@ -13,6 +13,7 @@ import struct
 import pytest
 
 from cnvmd.migration import lazyrelay as lr
+from tests.protobufenc import message
 
 pytestmark = pytest.mark.unit
 
@@ -241,23 +242,10 @@ async def test_garbage_from_the_daemon_resets_both_sides() -> None:
 
 
 def test_pagemap_parser_reads_lazy_entries() -> None:
-    def varint(v: int) -> bytes:
-        out = b""
-        while True:
-            b = v & 0x7F
-            v >>= 7
-            out += bytes([b | (0x80 if v else 0)])
-            if not v:
-                return out
-
-    def msg(fields: dict[int, int]) -> bytes:
-        body = b"".join(varint(k << 3) + varint(v) for k, v in fields.items())
-        return struct.pack("<I", len(body)) + body
-
-    img = struct.pack("<II", lr.IMG_COMMON_MAGIC, lr.PAGEMAP_MAGIC) + msg({1: 1})
-    img += msg({1: 0x400000, 2: 3, 4: 4})  # present, not lazy
-    img += msg({1: 0x7F0000000000, 2: 2, 4: 2 | 4})  # lazy, compat count
-    img += msg({1: 0x7F1000000000, 2: 0, 4: 2, 5: 5})  # lazy, 64-bit count
+    img = struct.pack("<II", lr.IMG_COMMON_MAGIC, lr.PAGEMAP_MAGIC) + message({1: 1})
+    img += message({1: 0x400000, 2: 3, 4: 4})  # present, not lazy
+    img += message({1: 0x7F0000000000, 2: 2, 4: 2 | 4})  # lazy, compat count
+    img += message({1: 0x7F1000000000, 2: 0, 4: 2, 5: 5})  # lazy, 64-bit count
     assert lr.parse_pagemap(img) == [(0x7F0000000000, 0x7F0000000000 + 2 * PAGE),
                                      (0x7F1000000000, 0x7F1000000000 + 5 * PAGE)]
     with pytest.raises(ValueError):

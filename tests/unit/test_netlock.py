@@ -12,20 +12,11 @@ from cnvmd import bundle, netlink
 from cnvmd.migration import criuimg
 from cnvmlab.lab import remove_cgroup_tree
 from proto.messages import ProtoError
+from tests.protobufenc import varint
 
 pytestmark = pytest.mark.unit
 
 RUN = "8e3148f5-3580-4437-809e-668f8c4255fc"
-
-
-def varint(v: int) -> bytes:
-    out = b""
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out += bytes([b | (0x80 if v else 0)])
-        if not v:
-            return out
 
 
 def inventory(tmp: Path, fields: bytes, magic: bytes | None = None) -> Path:
