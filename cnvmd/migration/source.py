@@ -640,22 +640,29 @@ class Teleport:
         them on demand. The order makes the unwind right: CRIU lets go first while
         the tasks stay frozen, then veth up + repair off, then thaw."""
         assert self.link is not None
+        # Pushed first so that they unwind last: CRIU lets go, then veth up + repair off,
+        # then thaw (each undo is safe whether or not its effect was made yet).
         await self.effect(Effect.PAUSED)
-        # The cgroup frozen directly, polled every millisecond: CRIU then finds it
-        # frozen and skips its own freezer wait (100 ms steps, criu/seize.c).
-        t = time.monotonic()
-        if not await self.runc.freeze(self.name):
-            await self.runc.pause(self.name)  # no freezer path known: let runc do it
-        self.timeline("source", "freeze cgroup", t)
-        self.stack.done(Effect.PAUSED)
         await self.effect(Effect.ISOLATED)
-        t = time.monotonic()
-        await netmove.isolate(self.j.host_veth or None)
-        self.timeline("source", "isolate veth", t)
-        self.stack.done(Effect.ISOLATED)
+
+        async def hold_still() -> None:
+            # The cgroup frozen directly, polled every millisecond: CRIU then finds it
+            # frozen and skips its own freezer wait (100 ms steps, criu/seize.c). It runs
+            # while runc starts and asks CRIU for its version and features (two CRIU
+            # runs, 20-30 ms here) before the dump itself seizes the tasks.
+            t = time.monotonic()
+            if not await self.runc.freeze(self.name):
+                await self.runc.pause(self.name)  # no freezer path known: let runc do it
+            self.timeline("source", "freeze cgroup", t)
+            self.stack.done(Effect.PAUSED)
+            t = time.monotonic()
+            await netmove.isolate(self.j.host_veth or None)
+            self.timeline("source", "isolate veth", t)
+            self.stack.done(Effect.ISOLATED)
+
         t = time.monotonic()
         if lazy:
-            await self._dump_lazy()
+            await self._overlap(hold_still(), self._dump_lazy())
             self.timeline("source", "criu dump (runc checkpoint, until images ready)", t)
             self.report.rounds.append(RoundReport("dump", 0, round(time.monotonic() - t, 4)))
             t = time.monotonic()
@@ -665,7 +672,7 @@ class Teleport:
                                self.dir / "images.snar"))
             self.timeline("source", "send upper delta + images", t)
         else:
-            await self._dump_streamed(paths, snap)
+            await self._overlap(hold_still(), self._dump_streamed(paths, snap))
             self.timeline("source", "criu dump (runc checkpoint, pages streamed)", t)
             self.report.rounds.append(RoundReport("dump", self._relay_bytes(),
                                                   round(time.monotonic() - t, 4)))
@@ -675,6 +682,19 @@ class Teleport:
             self.timeline("source", "send images", t)
         self.report.rounds.append(RoundReport("images", n_img, 0.0))
         self.stack.done(Milestone.IMAGES_SENT)
+
+    @staticmethod
+    async def _overlap(first: Awaitable[None], dump: Awaitable[None]) -> None:
+        """Run the dump while `first` (freeze + isolate) completes; if `first` fails,
+        the dump is stopped before the error goes on to the unwind."""
+        task = asyncio.ensure_future(dump)
+        try:
+            await first
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        await task
 
     def _relay_bytes(self) -> int:
         rl = self.u.relay
