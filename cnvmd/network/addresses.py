@@ -137,6 +137,11 @@ class ClusterIpam:
     def owner_of(self, ip: str) -> str | None:
         return self.ipam.in_use.get(ip)
 
+    def ranges_view(self) -> list[dict[str, str]]:
+        """[{first, last, owner}] of the ring, in address order (empty: no ranges yet)."""
+        return [{"first": str(ipaddress.IPv4Address(a)), "last": str(ipaddress.IPv4Address(b - 1)),
+                 "owner": o} for a, b, o in self.ring.ranges()]
+
     # ---- persistence
 
     async def save(self) -> None:
