@@ -81,11 +81,13 @@ def decide(status: TargetStatus | None, *, confirm_sent: bool, target_down: bool
 async def settle(link: Any, sid: str, *, first: TargetStatus | None, confirm_sent: bool,
                  lease_end: float, target_down: Callable[[], bool],
                  before_confirm: Callable[[], Awaitable[None]],
-                 lose_confirm_reply: bool = False, pause: float = 1.0) -> Verdict:
+                 lose_confirm_reply: bool = False, pause: float = 1.0,
+                 answers: list[dict[str, Any]] | None = None) -> Verdict:
     """Drive `decide` until a verdict. `lease_end` is wall-clock time;
     `before_confirm` journals that a confirm may be sent (a restarted source must
-    then not resume on silence). Never gives up on its own: the cnvm stays frozen
-    here until the target answers (or, before any confirm, is down past the lease)."""
+    then not resume on silence); confirm answers are appended to `answers`. Never
+    gives up on its own: the cnvm stays frozen here until the target answers (or,
+    before any confirm, is down past the lease)."""
     status = first
     n = 0
     while True:
@@ -107,6 +109,8 @@ async def settle(link: Any, sid: str, *, first: TargetStatus | None, confirm_sen
                     lose_confirm_reply = False
                     raise lost("confirm")
                 status = wire.status_from_wire(_status_only(ans))
+                if answers is not None:
+                    answers.append(ans)
             elif act is Action.ABORT:
                 status = wire.status_from_wire(await link.call(
                     "teleport.abort", wire.SessionRef(sid).to_wire(), timeout=30))

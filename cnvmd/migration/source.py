@@ -601,13 +601,17 @@ class Teleport:
             self.emit_progress(outcome="unknown", why=exc.message)
         self.timeline("source", "restore request (round trip)", t)
         t = time.monotonic()
+        answers: list[dict[str, Any]] = []
         verdict = await outcome.settle(
             self.link, self.sid, first=first, confirm_sent=False,
             lease_end=self.j.restore_sent + self.opts.lease,
             target_down=lambda: target_down(self.daemon, self.target),
             before_confirm=lambda: self.enter(Phase.CONFIRM),
-            lose_confirm_reply=self.opts.fail_at == "confirm_reply_lost")
+            lose_confirm_reply=self.opts.fail_at == "confirm_reply_lost", answers=answers)
         self.timeline("source", "confirm (round trip)", t)
+        if answers and self._t_freeze is not None:
+            self.report.timeline += _target_steps(answers[-1].get("timeline"),
+                                                  (t - self._t_freeze) * 1000)
         if verdict is outcome.Verdict.SOURCE:
             raise ProtoError(ErrorCode.FAILED, f"{self.target} holds no copy of {self.name} "
                              "(restore not taken, aborted, or fenced copy expired)")

@@ -575,36 +575,46 @@ class TargetSide:
             s.stack.forget()
             await self._journal(s, [])
             log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
-        timings = await self._unfence(s)
-        timings["confirm"] = time.monotonic() - t0
-        return {"status": str(s.status), "timings": timings}
+        steps: list[dict[str, Any]] = []
+        await self._unfence(s, t0, steps)
+        return {"status": str(s.status), "timeline": steps}
 
-    async def _unfence(self, s: Session) -> dict[str, float]:
+    async def _unfence(self, s: Session, t0: float, steps: list[dict[str, Any]]) -> None:
         """Veth up, neighbours back, window probes (repair off on every socket) that
         the capture reads to nudge backed-off clients, thaw, then ARP."""
-        timings: dict[str, float] = {}
+
+        def mark(step: str, t: float) -> None:
+            steps.append({"step": step, "start_ms": round((t - t0) * 1000, 2),
+                          "ms": round((time.monotonic() - t) * 1000, 2), "clock": "cnvmd"})
+
         net = netmove.plumbing(self.daemon)
+        t = time.monotonic()
         cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
         try:
             await netmove.reconnect(net.host_veth(s.name))
             if s.neighbors:
                 with contextlib.suppress(Exception):
                     await netmove.add_neighbors(s.netns_path, s.neighbors)
+            mark("unfence: veth up, neighbours", t)
+            t = time.monotonic()
             pids = await asyncio.to_thread(tcprepair.pids_in_netns, s.netns_path)
             await asyncio.to_thread(tcprepair.repair_off, pids)  # a window probe each
+            mark("window probes (repair off)", t)
+            t = time.monotonic()
             st = await self.runc.state(s.name)
             if st is not None and st.status == "paused":
                 await self.runc.resume(s.name)
+            mark("thaw", t)
         except Exception as exc:
             log.error("teleport %s: unfencing %s: %s", s.sid, s.name, exc)
         if cap is not None:  # clients in RTO backoff retransmit now, not in a second
+            t = time.monotonic()
             await asyncio.sleep(0.005)
             acks = await asyncio.to_thread(cap.acks)
             n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
-            timings["rto_nudged"] = float(n)
+            mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
         # ARP after the probes: their first packets already taught the overlay.
         self._spawn(self._announce(s, net, [n["ip"] for n in s.neighbors if "ip" in n]))
-        return timings
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -150,10 +150,12 @@ async def test_soak_teleports_stay_flat(soaklab: TeleLab):
     warmup = max(2, N // 5)
     gauges = {k: [s[k] for s in samples] for k in samples[0]
               if k.endswith((".rss_mb", ".fds", ".threads"))}
-    # the cnvm lives on one node: its netns and mounts, one container, one cgroup
+    # the cnvm lives on one node: its netns and mounts, one container, its cgroups
     exact = {k: [s[k] for s in samples] for k in ("mounts", "netns", "cgroups", "runc",
                                                     "sessions")}
-    expect = {"runc": 1, "cgroups": 1, "sessions": 0,
+    # (one cgroup per hierarchy: 1 on cgroup v2, one per controller on v1)
+    assert samples[warmup]["cgroups"] >= 1
+    expect = {"runc": 1, "sessions": 0, "cgroups": samples[warmup]["cgroups"],
               "netns": samples[warmup]["netns"], "mounts": samples[warmup]["mounts"]}
     slack = {k: 2.0 for k in gauges if k.endswith((".threads", ".fds"))}
     problems = check_flat(gauges, exact, expect, warmup=warmup, slack=slack)
