@@ -589,7 +589,7 @@ class TargetSide:
 
         net = netmove.plumbing(self.daemon)
         t = time.monotonic()
-        cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
+        cap = None
         try:
             await netmove.reconnect(net.host_veth(s.name))
             if s.neighbors:
@@ -597,6 +597,9 @@ class TargetSide:
                     await netmove.add_neighbors(s.netns_path, s.neighbors)
             mark("unfence: veth up, neighbours", t)
             t = time.monotonic()
+            # opened on the link up (bound while down it only reports ENETDOWN),
+            # before the probes it is to catch
+            cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
             pids = await asyncio.to_thread(tcprepair.pids_in_netns, s.netns_path)
             await asyncio.to_thread(tcprepair.repair_off, pids)  # a window probe each
             mark("window probes (repair off)", t)
@@ -610,9 +613,12 @@ class TargetSide:
         if cap is not None:  # clients in RTO backoff retransmit now, not in a second
             t = time.monotonic()
             await asyncio.sleep(0.005)
-            acks = await asyncio.to_thread(cap.acks)
-            n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
-            mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
+            try:
+                acks = await asyncio.to_thread(cap.acks)
+                n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
+                mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
+            except OSError as exc:  # the cnvm runs here whatever the nudge does
+                log.warning("teleport %s: no RTO nudge: %s", s.sid, exc)
         # ARP after the probes: their first packets already taught the overlay.
         self._spawn(self._announce(s, net, [n["ip"] for n in s.neighbors if "ip" in n]))
 
