@@ -19,7 +19,9 @@ a specific address is granted by the owner of its range only, and refused with
 (no other member) decides alone, as before. Upgrade: a store without a ring keeps
 its address table; the ring starts empty and is founded by the lowest-named member
 when a second member is seen (or at the first hand-over request), the addresses
-already in use staying in use (every owner checks the table).
+already in use staying in use (every owner checks the table). Until the founder is
+reachable, a clustered node without a range answers ``unavailable`` (never guesses).
+The ranges of a removed member are not reclaimed yet (they stay unused).
 """
 
 from __future__ import annotations
