@@ -10,9 +10,12 @@ API socket) with typed messages (cnvmd.migration.wire), and streams data on
     image    register the image from the shipped blobs, mount the overlay rootfs
     data     upper-dir tar streams (round 0 and final delta), CRIU images, log, blobs
     pages    (stop-copy, pre-copy) a `criu page-server`; the source's dump streams in
-    restore  config.json built here from the cnvm's spec, links up, (postcopy)
-             lazy-pages daemon + relay to the source, `runc restore`, GARP, record:
-             the switchover; the target owns the cnvm
+    restore  config.json built here from the cnvm's spec, links up but the host
+             veth down, (postcopy) lazy-pages daemon + relay to the source,
+             `runc restore`, kept frozen: the copy is *fenced* (unreachable, silent)
+    confirm  the switchover: record, veth up, window probes + RTO nudge, thaw,
+             GARP; the target owns the cnvm (an abort, the fence deadline or a
+             restart before it kills the fenced copy: cnvmd.migration.outcome)
     commit   keep the teleport history; forget the session
     abort    unwind the session (also on lease expiry: a source that vanished never
              leaves a half-made cnvm behind)
