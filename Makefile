@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit lint typecheck demo bench clean-labs install
+.PHONY: deps test unit lint typecheck demo bench clean-labs install soak
 
 deps:
 	scripts/install-deps
@@ -12,6 +12,10 @@ test: deps
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## soak: 200 consecutive teleports of a busy cnvm; resources must stay flat (prints a table)
+soak: deps
+	CNVM_SOAK_TELEPORTS=$${CNVM_SOAK_TELEPORTS:-200} $(PY) -m pytest -s tests/integration/test_soak.py $(PYTEST_ARGS)
 
 unit: deps
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -148,5 +148,9 @@ async def net_ipam(ctx: Ctx, a: argparse.Namespace) -> None:
         print(f"subnet {r['subnet']}, {len(r['in_use'])} in use")
         print_table([{"ip": ip, "owner": o} for ip, o in r["in_use"].items()],
                     [("ADDRESS", "ip"), ("OWNER", "owner")])
+        if r.get("ranges"):  # who may hand out which addresses (partition-safe IPAM)
+            print()
+            print_table(r["ranges"], [("FIRST", "first"), ("LAST", "last"),
+                                      ("NODE", "owner")])
 
     ctx.output(res, human)

@@ -20,7 +20,9 @@ from typing import Any
 
 from cnvmd.migration import wire
 
-SCHEMA = 1
+SCHEMA = 2
+"""2: phase ``confirm``, ``lease``/``restore_sent`` (fenced switchover, issue 18); a
+daemon reading only 1 leaves such a session alone instead of resuming it blindly."""
 FILE = "session.json"
 
 
@@ -41,6 +43,9 @@ class SourceJournal:
     host_veth: str = ""
     neighbors: list[dict[str, str]] = field(default_factory=list)
     lazy: bool = False
+    lease: float = 30.0
+    restore_sent: float = 0.0
+    """Wall-clock time the restore request left (the source's lease runs from it)."""
     pid: int = 0
     schema: int = SCHEMA
 

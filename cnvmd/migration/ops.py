@@ -1,8 +1,8 @@
 """The teleport plug-in: client API ops, peer-only target ops, the data stream kind.
 
 API ops (cnvmctl):  teleport, teleport.cancel, teleport.reports
-Peer-only ops:      teleport.prepare / image / pages / pagemaps / restore / commit /
-                    abort / status, and the ``teleport.data`` stream kind. They are
+Peer-only ops:      teleport.prepare / image / pages / pagemaps / restore / confirm /
+                    commit / abort / status, and the ``teleport.data`` stream kind. They are
                     on `peer_router`, which the peer mesh serves to authenticated
                     members only; the API socket never sees them. Each parses its
                     message with cnvmd.migration.wire and acts only on sessions the
@@ -23,8 +23,8 @@ from cnvmd.migration import link as links
 from cnvmd.migration import wire
 from cnvmd.migration.policy import Mode
 from cnvmd.migration.report import load_reports
-from cnvmd.migration.source import FAULT_POINTS, Options, Teleport, TeleportError
-from cnvmd.migration.target import TARGET_FAULT_POINTS, TargetSide
+from cnvmd.migration.source import FAULT_POINTS, LOSS_POINTS, Options, Teleport, TeleportError
+from cnvmd.migration.target import HOLD_REPLY, TARGET_FAULT_POINTS, TargetSide
 from cnvmd.peers.streams import splice
 from cnvmd.services import LIFECYCLE, TELEPORTS, Plugin
 from proto.messages import ErrorCode, ProtoError
@@ -44,6 +44,13 @@ class Teleports:
         self.criu = criu_bin
         self.outgoing: dict[str, tuple[Teleport, asyncio.Task[Any]]] = {}
         self.target = TargetSide(daemon, criu_bin, criu_lazy)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        """A background job (a restarted source settling an outcome)."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def by_sid(self, sid: str) -> Teleport | None:
         for t, _ in self.outgoing.values():
@@ -101,6 +108,8 @@ async def start_teleport(daemon: Any) -> None:
 async def stop_teleport(daemon: Any) -> None:
     engine = daemon.services.remove(TELEPORTS)
     if engine is not None:
+        for task in list(engine.tasks):
+            task.cancel()
         await engine.target.shutdown()
 
 
@@ -148,7 +157,8 @@ async def teleport(ctx: Context, args: Args) -> dict[str, Any]:
               if isinstance(v, int | float) and not isinstance(v, bool)},
         fail_restore=args.bool("fail_restore", False),
         fail_at=args.str("fail_at", None, choices=(
-            *FAULT_POINTS, *(f"target:{p}" for p in TARGET_FAULT_POINTS))),
+            *FAULT_POINTS, *LOSS_POINTS,
+            *(f"target:{p}" for p in (*TARGET_FAULT_POINTS, HOLD_REPLY)))),
         baseline=args.bool("baseline", False),
     )
     args.reject_unknown()
@@ -194,6 +204,9 @@ async def teleport_cancel(ctx: Context, args: Args) -> dict[str, Any]:
     if tp.switched:
         raise ProtoError(ErrorCode.CONFLICT, f"{name} already runs on {tp.target}; the "
                          "teleport is only cleaning up")
+    if tp.settling:
+        raise ProtoError(ErrorCode.CONFLICT, f"the restore request of {name} has left: "
+                         f"{tp.target}'s answer decides where it runs (phase {tp.phase})")
     task.cancel()
     with contextlib.suppress(BaseException):
         await asyncio.wait({task}, timeout=120)
@@ -246,6 +259,12 @@ async def t_pagemaps(ctx: Context, args: Args) -> dict[str, Any]:
                 summary="target: restore the cnvm and take it over")
 async def t_restore(ctx: Context, args: Args) -> dict[str, Any]:
     return await _engine(ctx).target.restore(wire.Restore.from_wire(args), _caller(ctx))
+
+
+@peer_router.op("teleport.confirm", summary="target: the source let go; run the fenced copy")
+async def t_confirm(ctx: Context, args: Args) -> dict[str, Any]:
+    msg = wire.SessionRef.from_wire(args, "confirm")
+    return await _engine(ctx).target.confirm(msg.sid, _caller(ctx))
 
 
 @peer_router.op("teleport.commit", summary="target: the source let go; keep the history")

@@ -6,10 +6,13 @@ tolerates an effect that is already gone, and a session is forgotten (its dir
 removed) only once resolved, so a crash during recovery is recovered next time.
 
 Source side: if the switchover was confirmed, only forward cleanup is left (the
-local copy goes); if the restore request was sent but not answered, the target
-is asked; otherwise the effects are unwound (CRIU killed with the tasks frozen,
-network unlocked, veth up, repair off, thawed) and the target told to abort.
-Target side: a restored cnvm is kept; anything short of that is unwound.
+local copy goes); if the restore request was sent (phases ``restore``/``confirm``),
+the cnvm stays frozen and a background task settles the outcome with the target
+(cnvmd.migration.outcome: never resumed on silence once a confirm may have left);
+otherwise the effects are unwound (CRIU killed with the tasks frozen, network
+unlocked, veth up, repair off, thawed) and the target told to abort.
+Target side: a confirmed cnvm is kept; anything short of that, a *fenced* copy
+included, is unwound (its source learns ``unknown`` and resumes its own).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnvmd import netlink
-from cnvmd.migration import journal, netmove, wire
+from cnvmd.migration import journal, netmove, outcome, wire
 from cnvmd.migration import link as links
-from cnvmd.migration.source import Effect, Phase, SourceUndo, kill_session_procs
+from cnvmd.migration.source import Effect, Phase, SourceUndo, kill_session_procs, target_down
 from cnvmd.migration.target import TargetUndo, kill_criu_helpers
 from cnvmd.migration.undo import UndoStack
 from cnvmd.runtime import Runc, _umount_under
@@ -36,10 +39,6 @@ if TYPE_CHECKING:
     from cnvmd.migration.ops import Teleports
 
 log = logging.getLogger("cnvmd.teleport")
-
-ASK_TARGET_FOR = 20.0
-"""How long a restarted source asks a target whether a restore it sent took."""
-
 
 async def recover(engine: Teleports) -> None:
     daemon = engine.daemon
@@ -75,28 +74,59 @@ async def _recover_source(engine: Teleports, d: Path) -> None:
     u = SourceUndo(runc, j, d, link)
     phase = Phase(j.phase) if j.phase in Phase._value2member_map_ else Phase.PREFLIGHT
     switched = phase in (Phase.SWITCHED, Phase.COMMIT, Phase.DONE)
-    if phase is Phase.RESTORE and link is not None:
-        st = await _ask(link, j.sid)
-        switched = st in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED)
-    if switched:
-        log.warning("teleport %s: %s moved to %s before the restart; releasing the local "
-                    "copy", j.sid, j.name, j.target)
-        await asyncio.to_thread(kill_session_procs, d)
-        life = daemon.services.require(LIFECYCLE)
-        await life.release(j.name)
-        with contextlib.suppress(Exception):
-            await netmove.plumbing(daemon).destroy(j.name)
-        if j.host_veth:
-            with contextlib.suppress(Exception):
-                await netlink.link_del(j.host_veth)
-        if j.netns:
-            with contextlib.suppress(Exception):
-                await netlink.netns_del(os.path.basename(j.netns))
-        if link is not None:
-            with contextlib.suppress(ProtoError):
-                await link.call("teleport.commit", wire.Commit(j.sid).to_wire(), timeout=10)
-        await _drop(d)
+    if phase in (Phase.RESTORE, Phase.CONFIRM) and link is not None:
+        log.warning("teleport %s of %s: restart with the outcome unknown (phase %s); the "
+                    "cnvm stays frozen until %s answers", j.sid, j.name, j.phase, j.target)
+        engine.spawn(_settle(engine, d, j, u, link, confirm_sent=phase is Phase.CONFIRM))
         return
+    if switched:
+        await _forward(engine, d, j, link)
+        return
+    await _unwind(d, j, u)
+
+
+async def _settle(engine: Teleports, d: Path, j: journal.SourceJournal, u: SourceUndo,
+                  link: links.NodeLink, *, confirm_sent: bool) -> None:
+    async def before_confirm() -> None:
+        j.phase = str(Phase.CONFIRM)
+        await asyncio.to_thread(journal.save, d, j)
+
+    verdict = await outcome.settle(
+        link, j.sid, first=None, confirm_sent=confirm_sent, lease_end=j.restore_sent + j.lease,
+        target_down=lambda: target_down(engine.daemon, j.target), before_confirm=before_confirm)
+    log.warning("teleport %s of %s settled after the restart: it runs on %s", j.sid, j.name,
+                j.target if verdict is outcome.Verdict.TARGET else "this node")
+    if verdict is outcome.Verdict.TARGET:
+        j.phase = str(Phase.SWITCHED)
+        await asyncio.to_thread(journal.save, d, j)
+        await _forward(engine, d, j, link)
+    else:
+        await _unwind(d, j, u)
+
+
+async def _forward(engine: Teleports, d: Path, j: journal.SourceJournal,
+                   link: links.NodeLink | None) -> None:
+    daemon = engine.daemon
+    log.warning("teleport %s: %s moved to %s before the restart; releasing the local "
+                "copy", j.sid, j.name, j.target)
+    await asyncio.to_thread(kill_session_procs, d)
+    life = daemon.services.require(LIFECYCLE)
+    await life.release(j.name)
+    with contextlib.suppress(Exception):
+        await netmove.plumbing(daemon).destroy(j.name)
+    if j.host_veth:
+        with contextlib.suppress(Exception):
+            await netlink.link_del(j.host_veth)
+    if j.netns:
+        with contextlib.suppress(Exception):
+            await netlink.netns_del(os.path.basename(j.netns))
+    if link is not None:
+        with contextlib.suppress(ProtoError):
+            await link.call("teleport.commit", wire.Commit(j.sid).to_wire(), timeout=10)
+    await _drop(d)
+
+
+async def _unwind(d: Path, j: journal.SourceJournal, u: SourceUndo) -> None:
     log.warning("teleport %s of %s was interrupted by a restart in phase %s: resuming the "
                 "cnvm here (undoing %s)", j.sid, j.name, j.phase, ", ".join(j.effects))
     stack = UndoStack()
@@ -108,18 +138,6 @@ async def _recover_source(engine: Teleports, d: Path) -> None:
     done = await stack.unwind()
     log.info("teleport %s: source recovered: %s", j.sid, ", ".join(done))
     await _drop(d)
-
-
-async def _ask(link: links.NodeLink, sid: str) -> wire.TargetStatus:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + ASK_TARGET_FOR
-    while loop.time() < end:
-        try:
-            return wire.status_from_wire(await link.call(
-                "teleport.status", wire.SessionRef(sid).to_wire(), timeout=3))
-        except ProtoError:
-            await asyncio.sleep(1)
-    return wire.TargetStatus.UNKNOWN
 
 
 async def _recover_target(engine: Teleports, d: Path) -> None:

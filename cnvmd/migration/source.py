@@ -11,7 +11,9 @@ An explicit state machine. Phases (`Phase`, reported as ``progress`` events):
                (stop-copy: pages streamed into the target's page server; postcopy:
                all but the pages, which CRIU then serves on demand), final upper
                delta, CRIU images, log tail
-    restore    the target restores, brings its links up, GARP
+    restore    the target restores it *fenced* (frozen, host veth down); from here the
+               cnvm stays frozen here until the outcome is known (cnvmd.migration.outcome)
+    confirm    the target said "fenced": the source lets go; the target runs it
     switched   the switchover: the target owns the cnvm (one logged transition)
     commit     forward cleanup only: container, netns, bundle, record go; history moves
 
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnvmd import criu, events, netlink, proc
-from cnvmd.migration import journal, netmove, precopy, tcprepair, treesync, wire
+from cnvmd.migration import journal, netmove, outcome, precopy, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.policy import Convergence, Decision, Mode, ModeUnavailable, choose_mode
 from cnvmd.migration.report import (
@@ -72,6 +74,7 @@ class Phase(enum.StrEnum):
     PRECOPY = "precopy"
     FREEZE = "freeze"
     RESTORE = "restore"
+    CONFIRM = "confirm"
     SWITCHED = "switched"
     COMMIT = "commit"
     DONE = "done"
@@ -98,6 +101,8 @@ class Milestone(enum.StrEnum):
 
 
 FAULT_POINTS = tuple(str(x) for x in (*Effect, *Milestone))
+LOSS_POINTS = ("restore_reply_lost", "confirm_reply_lost")
+"""Test hooks: the target acts on the request, its answer never reaches the source."""
 
 
 class TeleportError(ProtoError):
@@ -263,6 +268,11 @@ class Teleport:
     @property
     def switched(self) -> bool:
         return self.phase in (Phase.SWITCHED, Phase.COMMIT, Phase.DONE)
+
+    @property
+    def settling(self) -> bool:
+        """The restore request left: only the target's answer decides now."""
+        return self.phase in (Phase.RESTORE, Phase.CONFIRM)
 
     # ---- events and journal
 
@@ -590,11 +600,14 @@ class Teleport:
         await self._hold("frozen")
         self._held += time.monotonic() - t
 
-        # ---- restore on the target: the switchover
+        # ---- restore on the target (fenced), confirm: the switchover
+        self.j.lease = self.opts.lease
+        self.j.restore_sent = time.time()  # the lease runs from here (journaled next)
         await self.enter(Phase.RESTORE)
         t = time.monotonic()
-        res = await self._restore()
-        self.timeline("source", "restore request (round trip)", t)
+        # From the request on, a cancel cannot resume the cnvm blindly: the outcome
+        # is settled first (and decides).
+        res = await _uncancelled(self._switchover(t))
         await self._switch()
         t_run = time.monotonic()
         r.frozen_seconds = round(t_run - t_freeze - self._held, 4)
@@ -622,6 +635,39 @@ class Teleport:
         await self._keep_report(moved=True, prepared=True)
         events.emit(self.daemon, "teleport", "committed", self.name, target=self.target,
                     sid=self.sid, mode=r.mode, frozen=r.frozen_seconds, wire=r.wire_bytes)
+
+    async def _switchover(self, t: float) -> dict[str, Any]:
+        """Restore request, then settle its outcome (cnvmd.migration.outcome): confirm
+        a fenced copy, abort a merely prepared target, ask while nobody answers."""
+        assert self.link is not None
+        first: wire.TargetStatus | None = None
+        res: dict[str, Any] = {}
+        try:
+            res = await self._restore()
+            first = wire.status_from_wire({"status": res.get("status")})
+        except ProtoError as exc:
+            if wire.delivery(exc) is not wire.Delivery.UNKNOWN:
+                raise  # refused, failed, or never sent: nothing runs there
+            log.warning("teleport %s: restore outcome unknown (%s); %s stays frozen here "
+                        "until %s answers", self.sid, exc.message, self.name, self.target)
+            self.emit_progress(outcome="unknown", why=exc.message)
+        self.timeline("source", "restore request (round trip)", t)
+        t = time.monotonic()
+        answers: list[dict[str, Any]] = []
+        verdict = await outcome.settle(
+            self.link, self.sid, first=first, confirm_sent=False,
+            lease_end=self.j.restore_sent + self.opts.lease,
+            target_down=lambda: target_down(self.daemon, self.target),
+            before_confirm=lambda: self.enter(Phase.CONFIRM),
+            lose_confirm_reply=self.opts.fail_at == "confirm_reply_lost", answers=answers)
+        self.timeline("source", "confirm (round trip)", t)
+        if answers and self._t_freeze is not None:
+            self.report.timeline += _target_steps(answers[-1].get("timeline"),
+                                                  (t - self._t_freeze) * 1000)
+        if verdict is outcome.Verdict.SOURCE:
+            raise ProtoError(ErrorCode.FAILED, f"{self.target} holds no copy of {self.name} "
+                             "(restore not taken, aborted, or fenced copy expired)")
+        return res
 
     async def _switch(self) -> None:
         """The one transition after which the target owns the cnvm: nothing is undone
@@ -781,8 +827,7 @@ class Teleport:
     # ---- the switchover request
 
     async def _restore(self) -> dict[str, Any]:
-        """Ask the target to restore. An answer lost on the way (delivery unknown) is
-        resolved by asking the target's status before deciding."""
+        """Ask the target to restore (it answers ``fenced``)."""
         assert self.link is not None
         fail_at = self.opts.fail_at
         msg = wire.Restore(
@@ -794,34 +839,11 @@ class Teleport:
             fail_at=fail_at.removeprefix("target:") if fail_at and
             fail_at.startswith("target:") else None)
         # No extra round trip while frozen: a target that is gone fails this call with
-        # delivery "not_sent", and one that may have seen it is asked afterwards.
-        try:
-            return dict(await self.link.call("teleport.restore", msg.to_wire(), timeout=60))
-        except ProtoError as exc:
-            if wire.delivery(exc) is not wire.Delivery.UNKNOWN:
-                raise  # refused, failed, or never sent: not restored
-            status = await self._resolve_outcome()
-            if status in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
-                return {"status": "running", "recovered": True}
-            raise
-
-    async def _resolve_outcome(self) -> wire.TargetStatus:
-        """Ask until the target answers or its lease has surely run out (a target that
-        never heard of the restore aborts by itself by then)."""
-        assert self.link is not None
-        deadline = time.monotonic() + self.opts.lease + 5
-        while time.monotonic() < deadline:
-            try:
-                st = wire.status_from_wire(await self.link.call(
-                    "teleport.status", wire.SessionRef(self.sid).to_wire(), timeout=3))
-            except ProtoError:
-                await asyncio.sleep(1)
-                continue
-            if st is wire.TargetStatus.RESTORING:
-                await asyncio.sleep(0.5)
-                continue
-            return st
-        return wire.TargetStatus.UNKNOWN
+        # delivery "not_sent"; one that may have seen it is asked afterwards (settle).
+        ans = dict(await self.link.call("teleport.restore", msg.to_wire(), timeout=60))
+        if fail_at == "restore_reply_lost":
+            raise outcome.lost("restore")
+        return ans
 
     # ---- after the switchover
 
@@ -1004,6 +1026,39 @@ class Teleport:
     def _pages_msg(self) -> wire.Pages:
         """The final dump's page server: parented on the last pre-dump, if any."""
         return wire.Pages(self.sid, None, self._last_round)
+
+def target_down(daemon: Any, node: str) -> bool:
+    """Membership calls `node` down (no heartbeat for its down_after)."""
+    svc = daemon.services.get(PEERS)
+    mem = getattr(svc, "membership", None)
+    if mem is None:
+        return False
+    try:
+        mem.tick()
+        return bool(mem.state_of(node) == "down")
+    except Exception:
+        return False
+
+
+async def _uncancelled(coro: Awaitable[Any]) -> Any:
+    """Run `coro` to its end even if the caller is cancelled meanwhile (a cancel
+    cannot decide a switchover: the target's answer does)."""
+    fut = asyncio.ensure_future(coro)
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.done():
+                break
+            cancelled = True
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+    if cancelled:
+        log.warning("a teleport cancel came during the switchover; its outcome decided")
+    return fut.result()
+
 
 async def pack_plain(src: Path, sink: Callable[[bytes], Any]) -> int:
     """A plain (non-incremental) tar of src, streamed to sink."""

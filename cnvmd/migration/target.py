@@ -10,9 +10,12 @@ API socket) with typed messages (cnvmd.migration.wire), and streams data on
     image    register the image from the shipped blobs, mount the overlay rootfs
     data     upper-dir tar streams (round 0 and final delta), CRIU images, log, blobs
     pages    (stop-copy, pre-copy) a `criu page-server`; the source's dump streams in
-    restore  config.json built here from the cnvm's spec, links up, (postcopy)
-             lazy-pages daemon + relay to the source, `runc restore`, GARP, record:
-             the switchover; the target owns the cnvm
+    restore  config.json built here from the cnvm's spec, links up but the host
+             veth down, (postcopy) lazy-pages daemon + relay to the source,
+             `runc restore`, kept frozen: the copy is *fenced* (unreachable, silent)
+    confirm  the switchover: record, veth up, window probes + RTO nudge, thaw,
+             GARP; the target owns the cnvm (an abort, the fence deadline or a
+             restart before it kills the fenced copy: cnvmd.migration.outcome)
     commit   keep the teleport history; forget the session
     abort    unwind the session (also on lease expiry: a source that vanished never
              leaves a half-made cnvm behind)
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnvmd import bundle, criu, events, netlink, proc
-from cnvmd.migration import criuimg, journal, netmove, tcprepair, treesync, wire
+from cnvmd.migration import criuimg, journal, netmove, outcome, tcprepair, treesync, wire
 from cnvmd.migration import link as links
 from cnvmd.migration.lazyrelay import PrefetchRelay
 from cnvmd.migration.policy import Mode
@@ -75,9 +78,16 @@ class TStep(enum.StrEnum):
     CONFIG = "config"
     LINKS_UP = "links_up"
     LAZY = "lazy"
+    FENCED = "fenced"  # restored, frozen and cut off: a fault here unwinds it too
 
 
-TARGET_FAULT_POINTS = (str(TStep.CONFIG), str(TStep.LINKS_UP), str(TStep.LAZY))
+TARGET_FAULT_POINTS = (str(TStep.CONFIG), str(TStep.LINKS_UP), str(TStep.LAZY),
+                       str(TStep.FENCED))
+HOLD_REPLY = "hold_reply"
+"""Test hook (``fail_at: target:hold_reply``): the restore answer waits this long after
+the fenced restore, so that a test can cut the underlay with the request taken and the
+answer not yet sent."""
+HOLD_REPLY_SECONDS = 5.0
 
 
 def _err(code: ErrorCode, msg: str) -> ProtoError:
@@ -108,6 +118,9 @@ class Session:
     watchdog: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wire_bytes: int = 0
+    fence_deadline: float | None = None  # monotonic: a fenced copy is killed then
+    neighbors: list[dict[str, str]] = field(default_factory=list)
+    pid: int = 0
 
     @property
     def images(self) -> Path:
@@ -472,17 +485,18 @@ class TargetSide:
             mark("network lock as the dump made it", t)
             t = time.monotonic()
             await net.bring_up(s.name, s.net)
-            if msg.neighbors:
-                with contextlib.suppress(Exception):
-                    await netmove.add_neighbors(s.netns_path,
-                                                [n.to_wire() for n in msg.neighbors])
             if msg.vteps:
                 mine = await asyncio.to_thread(_own_addresses)
                 try:
                     await netmove.learn_vteps({m: d for m, d in msg.vteps if d not in mine})
                 except Exception as exc:
                     log.warning("teleport %s: cannot learn neighbour VTEPs: %s", s.sid, exc)
-            mark("links up, neighbours, VTEPs", t)
+            s.neighbors = [n.to_wire() for n in msg.neighbors]
+            # The fence: the host end of the veth stays down until the source confirms,
+            # so the restored copy can neither be reached nor send (its window probes
+            # are lost; new ones are sent when it is unfenced).
+            await netmove.isolate(net.host_veth(s.name))
+            mark("links up (fenced: host veth down), VTEPs", t)
             s.stack.done(TStep.LINKS_UP)
 
         async def lazy_daemon() -> None:
@@ -524,8 +538,6 @@ class TargetSide:
         else:
             await network()
         pipe = await start_log_shim(paths.console_log)
-        # the restored sockets' window probes tell which byte each client waits on
-        cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
         t_r = time.monotonic()
         await s.stack.push(TEffect.RESTORED, TargetUndo(self, s.name, s.dir, s).restored)
         try:
@@ -534,41 +546,101 @@ class TargetSide:
                                          lazy_pages=msg.lazy, timeout=RESTORE_TIMEOUT,
                                          oom_score_adj=self.daemon.config.cnvm_oom_score_adj)
         except RuncError as exc:
-            if cap is not None:
-                cap.close()
             raise _err(ErrorCode.FAILED, f"restore on {self.node} failed: {exc}") from None
         finally:
             pipe.close()
         timings["runc_restore"] = time.monotonic() - t_r
         mark("runc restore", t_r)
-        if st.status == "paused":  # dumped from a frozen cgroup
+        if st.status != "paused":  # dumped from a frozen cgroup: restored frozen
             t = time.monotonic()
-            await self.runc.resume(s.name)
-            mark("thaw", t)
-        if cap is not None:  # clients in RTO backoff retransmit now, not in a second
-            t = time.monotonic()
-            acks = await asyncio.to_thread(cap.acks)
-            n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
-            timings["rto_nudged"] = float(n)
-            mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
-        t = time.monotonic()
-        await s.stack.push(TEffect.RECORD, TargetUndo(self, s.name, s.dir, s).record)
-        await life.save_record(s.name, _record_of(s, self.node, paths))
-        # The switchover: the cnvm is ours now; nothing of it is undone any more.
-        s.status = wire.TargetStatus.RESTORED
-        s.stack.forget()
-        await self._journal(s, [])
-        mark("record the cnvm", t)
-        log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
-        # ARP after the answer: the restored sockets' first packets (window probes,
-        # nudged retransmissions) already taught the overlay where the cnvm is.
-        self._spawn(self._announce(s, net, [n.ip for n in msg.neighbors]))
+            if not await self.runc.freeze(s.name):
+                await self.runc.pause(s.name)
+            mark("freeze (fence)", t)
+        s.stack.done(TStep.FENCED)
+        # Fenced: frozen and cut off. Only `confirm` (the source let go) runs it; an
+        # abort, the fence deadline or a restart kills it (cnvmd.migration.outcome).
+        s.pid = st.pid
+        s.status = wire.TargetStatus.FENCED
+        s.fence_deadline = time.monotonic() + s.lease * outcome.FENCE_SHARE
+        await self._journal(s)
         timings["answered"] = time.monotonic() - t0
+        log.info("teleport %s: %s restored here, fenced until the source confirms", s.sid,
+                 s.name)
         text = await asyncio.to_thread(_read, work / "restore.log")
         for x in criu_stages(text or "", RESTORE_STAGES, "target", (t_r - t0) * 1000):
             steps.append({"step": x.step, "start_ms": x.start_ms, "ms": x.ms, "clock": x.clock})
-        return {"status": "running", "pid": st.pid, "node": self.node, "timings": timings,
-                "timeline": steps}
+        if fault == HOLD_REPLY:  # test hook: the fault tests cut the underlay meanwhile
+            await asyncio.sleep(HOLD_REPLY_SECONDS)
+        return {"status": str(s.status), "pid": st.pid, "node": self.node,
+                "timings": timings, "timeline": steps}
+
+    # ---- confirm: the decision point of the switchover
+
+    async def confirm(self, sid: str, caller: str) -> dict[str, Any]:
+        """The source let go: run the fenced copy. Idempotent; a session that is gone
+        (aborted, expired, restarted) answers ``unknown``: no copy runs here."""
+        s = self.sessions.get(sid)
+        if s is None or s.source != caller:
+            return {"status": str(await self.status(sid, caller))}
+        s.touch()
+        async with s.lock:
+            if s.status is not wire.TargetStatus.FENCED:
+                return {"status": str(s.status)}
+            t0 = time.monotonic()
+            life = self.life
+            await s.stack.push(TEffect.RECORD, TargetUndo(self, s.name, s.dir, s).record)
+            await life.save_record(s.name, _record_of(s, self.node, life.paths(s.name)))
+            # The switchover: journaled before the copy may talk; nothing is undone any more.
+            s.status = wire.TargetStatus.RESTORED
+            s.stack.forget()
+            await self._journal(s, [])
+            log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
+        steps: list[dict[str, Any]] = []
+        await self._unfence(s, t0, steps)
+        return {"status": str(s.status), "timeline": steps}
+
+    async def _unfence(self, s: Session, t0: float, steps: list[dict[str, Any]]) -> None:
+        """Veth up, neighbours back, window probes (repair off on every socket) that
+        the capture reads to nudge backed-off clients, thaw, then ARP."""
+
+        def mark(step: str, t: float) -> None:
+            steps.append({"step": step, "start_ms": round((t - t0) * 1000, 2),
+                          "ms": round((time.monotonic() - t) * 1000, 2), "clock": "cnvmd"})
+
+        net = netmove.plumbing(self.daemon)
+        t = time.monotonic()
+        cap = None
+        try:
+            await netmove.reconnect(net.host_veth(s.name))
+            if s.neighbors:
+                with contextlib.suppress(Exception):
+                    await netmove.add_neighbors(s.netns_path, s.neighbors)
+            mark("unfence: veth up, neighbours", t)
+            t = time.monotonic()
+            # opened on the link up (bound while down it only reports ENETDOWN),
+            # before the probes it is to catch
+            cap = await asyncio.to_thread(_capture, net.host_veth(s.name), s.net.ip)
+            pids = await asyncio.to_thread(tcprepair.pids_in_netns, s.netns_path)
+            await asyncio.to_thread(tcprepair.repair_off, pids)  # a window probe each
+            mark("window probes (repair off)", t)
+            t = time.monotonic()
+            st = await self.runc.state(s.name)
+            if st is not None and st.status == "paused":
+                await self.runc.resume(s.name)
+            mark("thaw", t)
+        except Exception as exc:
+            log.error("teleport %s: unfencing %s: %s", s.sid, s.name, exc)
+        if cap is not None:  # clients in RTO backoff retransmit now, not in a second
+            t = time.monotonic()
+            await asyncio.sleep(0.005)
+            try:
+                acks = await asyncio.to_thread(cap.acks)
+                n = await asyncio.to_thread(tcprepair.nudge, s.netns_path, s.net.ip, acks)
+                mark(f"RTO nudge ({n} connection{'s' if n != 1 else ''})", t)
+            except OSError as exc:  # the cnvm runs here whatever the nudge does
+                log.warning("teleport %s: no RTO nudge: %s", s.sid, exc)
+        # ARP after the probes: their first packets already taught the overlay.
+        self._spawn(self._announce(s, net, [n["ip"] for n in s.neighbors if "ip" in n]))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -639,7 +711,8 @@ class TargetSide:
 
     async def abort(self, sid: str, caller: str | None,
                     why: str = "aborted by the source") -> wire.TargetStatus:
-        """Undo the session. A restored (running) cnvm is never aborted: it is ours."""
+        """Undo the session; a fenced copy is killed (the source has not let go). A
+        confirmed (running) cnvm is never aborted: it is ours."""
         s = self.sessions.get(sid)
         if s is None or (caller is not None and s.source != caller):
             return await self.status(sid, caller)
@@ -660,9 +733,19 @@ class TargetSide:
         log.info("teleport %s: target unwound (%s): %s", s.sid, why, ", ".join(steps))
 
     async def _watch(self, s: Session) -> None:
-        """Abort a session whose source went quiet (vanished, link cut) before restore."""
-        while s.status in (wire.TargetStatus.PREPARED, wire.TargetStatus.RESTORING):
+        """Abort a session whose source went quiet (vanished, link cut) before restore,
+        and kill a fenced copy whose confirm did not come by the fence deadline (the
+        source's lease outlasts it: after its lease a source may resume)."""
+        while s.status in (wire.TargetStatus.PREPARED, wire.TargetStatus.RESTORING,
+                           wire.TargetStatus.FENCED):
             await asyncio.sleep(min(1.0, s.lease / 4))
+            if s.status is wire.TargetStatus.FENCED:
+                if s.fence_deadline is not None and time.monotonic() > s.fence_deadline:
+                    with contextlib.suppress(Exception):
+                        await self.abort(s.sid, None, f"no confirm from {s.source} within "
+                                         f"{s.lease * outcome.FENCE_SHARE:g}s")
+                    return
+                continue
             if s.busy or s.status is not wire.TargetStatus.PREPARED:
                 continue
             if s.page_server is not None and s.page_server.returncode is None:

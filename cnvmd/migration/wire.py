@@ -28,7 +28,7 @@ from cnvmd.migration.policy import Mode
 from cnvmd.seccomp import MAX_SECURITY_OPTS, SECURITY_OPT_RE
 from proto.messages import ErrorCode, ProtoError
 
-TELEPORT_PROTOCOL = 2
+TELEPORT_PROTOCOL = 3
 """Bumped when a message changes incompatibly; both nodes must speak the same."""
 
 SID_RE = re.compile(r"t[0-9a-f]{20}")
@@ -610,6 +610,7 @@ class TargetStatus(enum.StrEnum):
     UNKNOWN = "unknown"  # never heard of it, or already forgotten after an abort
     PREPARED = "prepared"
     RESTORING = "restoring"
+    FENCED = "fenced"  # restored but frozen and cut off until the source confirms
     RESTORED = "restored"  # the target runs the cnvm: the switchover happened
     COMMITTED = "committed"
     ABORTED = "aborted"

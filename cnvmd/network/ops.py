@@ -129,10 +129,12 @@ async def net_flood(ctx: Context, args: Args) -> dict[str, Any]:
 
 @router.op("net.ipam")
 async def net_ipam(ctx: Context, args: Args) -> dict[str, Any]:
-    """Addresses in use in the cluster as this node knows them (ip -> owner)."""
+    """Addresses in use in the cluster as this node knows them (ip -> owner), and the
+    address ranges each node owns (partition-safe allocation: cnvmd.ipamring)."""
     args.reject_unknown()
     net = _net(ctx)
-    return {"subnet": net.config.subnet, "in_use": net.ipam.table()}
+    return {"subnet": net.config.subnet, "in_use": net.ipam.table(),
+            "ranges": net.ipam.ranges_view()}
 
 
 @router.op("expose")

@@ -214,10 +214,10 @@ async def test_target_ops_are_peer_only_and_check_their_input(flab: TeleLab):
         assert ei.value.code == ErrorCode.UNKNOWN_OP, (op, ei.value)
     # through the mesh, as a member: hostile payloads are invalid_argument, no effect
     hostile: list[dict[str, Any]] = [
-        {"op": "teleport.prepare", "args": {"v": 2, "sid": "../../../etc", "mode": "auto"}},
-        {"op": "teleport.status", "args": {"v": 2, "sid": "/var/lib/cnvm"}},
-        {"op": "teleport.abort", "args": {"v": 2, "sid": "t" + "0" * 20, "x": 1}},
-        {"op": "teleport.restore", "args": {"v": 2, "sid": "t" + "0" * 20,
+        {"op": "teleport.prepare", "args": {"v": 3, "sid": "../../../etc", "mode": "auto"}},
+        {"op": "teleport.status", "args": {"v": 3, "sid": "/var/lib/cnvm"}},
+        {"op": "teleport.abort", "args": {"v": 3, "sid": "t" + "0" * 20, "x": 1}},
+        {"op": "teleport.restore", "args": {"v": 3, "sid": "t" + "0" * 20,
                                              "vteps": {"..": "1.2.3.4"}}},
     ]
     before = await flab.leftovers("node2", NAME)

@@ -4,6 +4,7 @@ in-process fake peer set: every call goes through `handle`, as over the mesh."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class FakePeers:
 
     def up_peers(self) -> list[str]:
         return sorted(n for n in self.cluster if n != self.me and n not in self.down)
+
+    def members(self) -> list[str]:
+        return sorted(n for n in self.cluster if n != self.me)
 
     async def call(self, node, op, args):
         await asyncio.sleep(self.rng.random() * 0.002)
@@ -137,17 +141,22 @@ async def test_persisted_table_survives_a_restart(tmp_path):
         await again.allocate("db", want=ip)
 
 
-async def test_unreachable_peer_fails_cleanly_without_leaving_grants():
+async def test_unreachable_range_owner_refuses_a_specific_address_cleanly():
+    """Ranges (partition safety): a specific address is granted by the owner of its
+    range only; while that owner is unreachable the claim is refused, naming it."""
     cluster, _ = make(["node1", "node2", "node3"])
-    cluster["node1"].peers.unreachable.add("node3")
-    with pytest.raises(NetworkError, match="unreachable") as ei:
-        await cluster["node1"].allocate("web", want="10.100.101.9")
+    await cluster["node3"].ensure_range()  # node1 founds the ring, hands node3 a part
+    want = "10.100.101.9"
+    holder = cluster["node3"].ring.owner_of(int(ipaddress.IPv4Address(want)))
+    assert holder == "node1"
+    cluster["node3"].peers.unreachable.add("node1")
+    with pytest.raises(NetworkError, match="owned by node1, which is unreachable") as ei:
+        await cluster["node3"].allocate("web", want=want)
     assert ei.value.code == ErrorCode.UNAVAILABLE
     assert all(not c.table() for c in cluster.values())
-    assert not cluster["node2"].ipam.granted  # abandoned at once, not after the TTL
-    # a member marked down is not asked
-    cluster["node1"].peers.unreachable.clear()
-    assert await cluster["node1"].allocate("web", want="10.100.101.9") == "10.100.101.9"
+    cluster["node3"].peers.unreachable.clear()
+    assert await cluster["node3"].allocate("web", want=want) == want
+    assert all(c.owner_of(want) == "web" for c in cluster.values())
 
 
 async def test_a_node_that_was_down_catches_up(tmp_path):
@@ -177,3 +186,82 @@ async def test_concurrent_requests_for_one_owner_get_one_address():
     cluster, _ = make(["node1", "node2"])
     res = await asyncio.gather(*(cluster["node1"].allocate("node:node1") for _ in range(5)))
     assert len(set(res)) == 1 and list(cluster["node2"].table().values()) == ["node:node1"]
+
+
+def partition(cluster, a: str, b: str, on: bool = True) -> None:
+    for x, y in ((a, b), (b, a)):
+        p = cluster[x].peers
+        p.down = set(p.down)  # per node from here on
+        if on:
+            p.down.add(y)
+            p.unreachable.add(y)
+        else:
+            p.down.discard(y)
+            p.unreachable.discard(y)
+
+
+async def test_a_partition_never_hands_one_address_out_twice(tmp_path):
+    cluster, _ = make(["node1", "node2"], tmp_path)
+    await cluster["node2"].ensure_range()
+    assert cluster["node1"].ring.size_of("node1") and cluster["node2"].ring.size_of("node2")
+    partition(cluster, "node1", "node2")
+    got = await asyncio.gather(*(cluster[n].allocate(f"{n}-c{i}") for n in ("node1", "node2")
+                                 for i in range(20)))
+    assert len(set(got)) == 40, "an address was handed out twice"
+    # a specific address of the other side's range is refused, naming its owner
+    theirs = next(ip for ip in got if cluster["node1"].owner_of(ip) is None)
+    with pytest.raises(NetworkError, match="owned by node2, which is unreachable") as ei:
+        await cluster["node1"].allocate("x", want=str(ipaddress.IPv4Address(theirs) + 1))
+    assert ei.value.code == ErrorCode.UNAVAILABLE
+    partition(cluster, "node1", "node2", on=False)
+    await cluster["node1"].sync_from("node2")
+    await cluster["node2"].sync_from("node1")
+    t1, t2 = cluster["node1"].table(), cluster["node2"].table()
+    assert t1 == t2 and len(t1) == 40 and len(set(t1.values())) == 40
+
+
+async def test_an_empty_range_asks_for_a_hand_over():
+    cluster, _ = make(["node1", "node2"])
+    n2 = cluster["node2"]
+    ip = await n2.allocate("web")  # no range yet: founding and hand-over on demand
+    assert n2.ring.owner_of(int(ipaddress.IPv4Address(ip))) == "node2"
+    assert cluster["node1"].ring.to_wire() == n2.ring.to_wire()
+
+
+async def test_upgrade_keeps_the_addresses_of_a_store_without_ranges(tmp_path):
+    """A claim store from before the ring (in_use + mine, no ring) loads unchanged;
+    once the ring is founded no address in use is handed out again."""
+    legacy = {f"10.100.101.{i}": f"old{i}" for i in range(1, 200)}
+    for n in ("node1", "node2"):
+        StateStore(tmp_path / n).save("network", "ipam", {
+            "in_use": legacy,
+            "mine": [f"old{i}" for i in range(1, 200) if i % 2 == (n == "node1")]})
+    cluster, _ = make(["node1", "node2"], tmp_path)
+    for c in cluster.values():
+        assert c.table() == dict(sorted(legacy.items())) and c.ring.empty
+        assert c.ip_of("old7") == "10.100.101.7"
+    got = await asyncio.gather(*(cluster[n].allocate(f"new-{n}-{i}")
+                                 for n in ("node1", "node2") for i in range(20)))
+    assert len(set(got)) == 40 and not set(got) & set(legacy)
+    again = StateStore(tmp_path / "node2").load("network", "ipam")
+    assert again["ring"] and set(legacy) <= set(again["in_use"])
+    assert ClusterIpam("node2", Subnet.parse(SUBNET),
+                       store=StateStore(tmp_path / "node2")).ring.to_wire() == \
+        cluster["node2"].ring.to_wire()
+
+
+def test_ring_merge_hand_over_and_hostile_input():
+    from cnvmd.ipamring import Entry, Ring, RingError
+
+    r = Ring.for_subnet(ipaddress.IPv4Network(SUBNET))
+    r.claim_all("node1")
+    a, b = r.hand_over("node1", "node2", set())
+    assert r.owner_of(a) == "node2" and r.owner_of(a - 1) == "node1" and b == r.hi + 1
+    other = Ring(r.lo, r.hi)
+    assert other.merge(r.tokens) and other.to_wire() == r.to_wire()
+    assert not other.merge({r.lo: Entry("node9", 1)}) or other.tokens[r.lo].owner != "node9"
+    assert other.merge({r.lo: Entry("node3", 2)}) and other.owner_of(r.lo) == "node3"
+    for bad in ({"10.0.0.1": ["n", 1]}, {"x": ["n", 1]}, {"10.100.101.9": ["../x", 1]},
+                {"10.100.101.9": ["n", True]}, {"10.100.101.9": ["n"]}, [1]):
+        with pytest.raises(RingError):
+            r.parse(bad)

@@ -106,7 +106,7 @@ def test_hostile_prepare_is_invalid_argument(path: list[Any], value: Any):
 
 
 def test_another_protocol_version_is_refused_clearly():
-    for v in (1, 3, None, "2"):
+    for v in (1, 2, 4, None, "3"):  # 2: before fenced switchovers (issue 18)
         with pytest.raises(ProtoError) as ei:
             wire.Prepare.from_wire(mutate(["v"], v))
         assert ei.value.code == ErrorCode.UNSUPPORTED_VERSION
@@ -114,13 +114,13 @@ def test_another_protocol_version_is_refused_clearly():
 
 
 @pytest.mark.parametrize("raw", [
-    {"v": 2, "sid": SID, "what": "upper", "offset": 0, "extra": 1},
-    {"v": 2, "sid": SID, "what": "../upper"},
-    {"v": 2, "sid": SID, "what": "blob"},  # a blob needs its digest
-    {"v": 2, "sid": SID, "what": "blob", "digest": "sha256:/etc/shadow"},
-    {"v": 2, "sid": SID, "what": "log", "offset": 1 << 41},
-    {"v": 2, "sid": SID, "what": "log", "offset": -1},
-    {"v": 2, "sid": "/var/lib/cnvm", "what": "upper"},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "upper", "offset": 0, "extra": 1},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "../upper"},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "blob"},  # a blob needs its digest
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "blob", "digest": "sha256:/etc/shadow"},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "log", "offset": 1 << 41},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": SID, "what": "log", "offset": -1},
+    {"v": wire.TELEPORT_PROTOCOL, "sid": "/var/lib/cnvm", "what": "upper"},
     [], "x",
 ])
 def test_hostile_data_headers(raw: Any):
@@ -141,7 +141,7 @@ def test_restore_and_pagemaps_are_bounded():
     with pytest.raises(ProtoError, match="larger"):
         wire.pagemap_files_from_wire({"files": {"pagemap-1.img": b"x" * (65 << 20)}})
     with pytest.raises(ProtoError) as ei:
-        wire.Commit.from_wire({"v": 2, "sid": SID, "reports": [{"cnvm": 1}]})
+        wire.Commit.from_wire({"v": wire.TELEPORT_PROTOCOL, "sid": SID, "reports": [{"cnvm": 1}]})
     assert ei.value.code == ErrorCode.INVALID_ARGUMENT
 
 
