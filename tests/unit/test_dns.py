@@ -211,14 +211,14 @@ async def test_forwarding_refused_timeout_and_spoof_checks(monkeypatch: pytest.M
     tr.close()
 
     for mode in ("silent", "wrong-id"):
-        svc, up, tr = await _svc(mode)
+        svc, _, tr = await _svc(mode)
         r = DNSRecord.parse(await svc.handle(raw, res, tcp=False) or b"")
         assert r.header.rcode == RCODE.SERVFAIL and not r.rr, mode
         tr.close()
 
 
 async def test_forwarding_is_rate_bounded():
-    svc, up, tr = await _svc("answer")
+    svc, _, tr = await _svc("answer")
     res = dns.Resolver("a", 1)
     res.forwards = dns.Bucket(0.0, 2)
     raw = bytes(DNSRecord.question("example.com").pack())
