@@ -38,6 +38,7 @@ from typing import Any
 from dnslib import RCODE, DNSRecord
 
 from cnvmd import inventory, netlink
+from cnvmd.api import Args, Context, Router
 from cnvmd.services import DIRECTORY, DNS, LIFECYCLE, NETWORK, Plugin
 
 from .dnszone import MAX_QUERY, BadQuery, Forward, Zone, error_reply, fit_udp, parse_query
@@ -436,5 +437,15 @@ async def stop_dns(daemon: Any) -> None:
         await svc.stop()
 
 
-plugin = Plugin("dns", requires=("network", "cluster", "lifecycle"), start=start_dns,
-                serve=serve_dns, stop=stop_dns)
+router = Router()
+
+
+@router.op("dns.status")
+async def dns_status(ctx: Context, args: Args) -> dict[str, Any]:
+    """The resolver: address, domain, upstream and the local cnvms it serves."""
+    args.reject_unknown()
+    return {**ctx.daemon.services.require(DNS).status(), "node": ctx.daemon.node_name}
+
+
+plugin = Plugin("dns", requires=("network", "cluster", "lifecycle"), router=router,
+                start=start_dns, serve=serve_dns, stop=stop_dns)
