@@ -333,6 +333,8 @@ class DnsService:
         except Exception:
             log.exception("dns: answering %s failed", q.q.qname)
             out = error_reply(data, RCODE.SERVFAIL) or b""
+        if not out:
+            return None
         return out if tcp else fit_udp(out, q)
 
     async def forward(self, q: DNSRecord, data: bytes, res: Resolver, *, tcp: bool) -> bytes:

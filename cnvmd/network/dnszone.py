@@ -148,7 +148,7 @@ class Zone:
                 return reply
             return self._negative(reply, RCODE.NOERROR)
         name = self._cnvm_name(qname)
-        if name is None or (name != "" and name in ("in-addr", "arpa")):
+        if name is None or name == "arpa":
             raise Forward()
         if name == "" and qname == self.origin:
             if qtype in (QTYPE.SOA, QTYPE.ANY):

@@ -183,3 +183,7 @@ async def test_names_follow_teleport_and_rm(dlab: TeleLab):
     assert (await probe(tl, "node3", "hnc", "hnc"))["answers"] == [IPS["hnc"]]
     up.kill()
     await up.wait()
+    for n in tl.lab.node_names:
+        text = tl.daemon_log(n)
+        assert "dns: no resolver" not in text and "dns: reconcile failed" not in text, n
+        assert "dns: serving" in text, n
