@@ -293,8 +293,10 @@ async def write_config(paths: BundlePaths, cfg: dict[str, Any]) -> None:
     await asyncio.to_thread(atomic_write, paths.config, body, 0o600)
 
 
-async def seed_etc(paths: BundlePaths, hostname: str, ip: str | None = None) -> None:
-    """Write /etc/hostname and an /etc/hosts line through the mounted overlay."""
+async def seed_etc(paths: BundlePaths, hostname: str, ip: str | None = None,
+                   resolv: str | None = None) -> None:
+    """Write /etc/hostname and an /etc/hosts line through the mounted overlay, and
+    /etc/resolv.conf when given (the cnvm resolver's, cnvmd.network.dns)."""
 
     def work() -> None:
         etc = paths.rootfs / "etc"
@@ -310,6 +312,9 @@ async def seed_etc(paths: BundlePaths, hostname: str, ip: str | None = None) -> 
             lines.insert(0, "127.0.0.1\tlocalhost")
         lines.append(f"{ip or '127.0.1.1'}\t{hostname} # cnvm")
         hosts.write_text("\n".join(lines) + "\n")
+        rc = etc / "resolv.conf"
+        if resolv is not None and not rc.is_symlink():
+            rc.write_text(resolv)
 
     await asyncio.to_thread(work)
 
@@ -559,12 +564,13 @@ async def prepare(
     """
     paths = bundle_paths(cnvms_dir, name)
     ip = kw.pop("ip", None)
+    resolv = kw.pop("resolv", None)
     await mount_rootfs(paths, layer_dirs)
     try:
         cfg = await asyncio.to_thread(lambda: runc_config(
             name=name, image_config=image_config, rootfs=paths.rootfs, **kw))
         if seed:
-            await seed_etc(paths, cfg["hostname"], ip)
+            await seed_etc(paths, cfg["hostname"], ip, resolv)
         await write_config(paths, cfg)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -76,6 +76,11 @@ class Config:
     """noNewPrivileges for cnvm processes: setuid binaries (su, sudo) and file
     capabilities cannot raise privileges inside. CRIU restores the flag with the
     processes; a cnvm overrides it with `--security-opt no-new-privileges=false`."""
+    dns_domain: str = "cnvm"
+    """Domain of the cnvm resolver (cnvmd.network.dns): NAME.<domain> resolves too."""
+    dns_upstream: str = ""
+    """Where the cnvm resolver forwards other names: "IP", "IP:PORT", "[V6]:PORT";
+    "" = nowhere (those names are REFUSED)."""
     cnvm_oom_score_adj: int = 0
     """oom_score_adj of cnvm processes (-1000..1000). Always written to config.json, so
     cnvms never inherit cnvmd's own (-500 under systemd/cnvmd.service)."""

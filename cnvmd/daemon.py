@@ -120,7 +120,8 @@ def sd_notify(state: str) -> bool:
 
 PLUGIN_MODULES = ("cnvmd.core", "cnvmd.events", "cnvmd.inventory", "cnvmd.lifecycle",
                   "cnvmd.restart", "cnvmd.network.ops", "cnvmd.peers.ops",
-                  "cnvmd.migration.ops", "cnvmd.pull", "cnvmd.metrics", "cnvmd.cluster.ops")
+                  "cnvmd.migration.ops", "cnvmd.pull", "cnvmd.metrics", "cnvmd.cluster.ops",
+                  "cnvmd.network.dns")
 """The daemon's subsystems. Each module defines ``plugin = Plugin(...)``; the start
 order comes from their declared ``requires``, not from this list."""
 

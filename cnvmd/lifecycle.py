@@ -138,6 +138,7 @@ class Lifecycle:
         self._network_lookup = network_lookup  # () -> Network | None, checked per call
         self._locks: dict[str, asyncio.Lock] = {}
         self.events: EventBus | None = None  # the EVENTS service, when the daemon has one
+        self.resolv_conf: str | None = None  # set by cnvmd.network.dns: new cnvms' resolv.conf
         self.supervisor: restart.Supervisor | None = None  # told of each (re)start
 
     @property
@@ -240,7 +241,7 @@ class Lifecycle:
                 await bundle.prepare(
                     self.cnvms_dir, name, img.layer_dirs, img.config, node=self.node,
                     hostname=hostname, cmd=cmd or None, env=envd, memory=mem, cpus=ncpu,
-                    netns_path=rec["netns"], ip=rec.get("ip"),
+                    netns_path=rec["netns"], ip=rec.get("ip"), resolv=self.resolv_conf,
                     annotations={"org.cnvm.image": img.id, "org.cnvm.node": self.node},
                     **self._policy(rec))
                 step("start")

@@ -207,6 +207,28 @@ async def with_rtnl(netns: str | None, fn: Callable[[AsyncIPRoute], Awaitable[T]
     return await _call(body())
 
 
+async def socket_in(netns: str, family: int, type: int,
+                    setup: Callable[[socket.socket], None] | None = None) -> socket.socket:
+    """A socket created inside netns (it stays bound to it), non-blocking; `setup`
+    (bind, listen) runs there too. For servers a daemon offers inside a cnvm's netns."""
+
+    async def body() -> socket.socket:
+        def make() -> socket.socket:
+            s = socket.socket(family, type)
+            try:
+                s.setblocking(False)
+                if setup is not None:
+                    setup(s)
+            except BaseException:
+                s.close()
+                raise
+            return s
+
+        return _in_netns(netns, make)
+
+    return await _call(body())
+
+
 def _fail(exc: Exception, what: str, netns: str | None) -> NetlinkError:
     code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO
     return NetlinkError(code, f"{what}{_where(netns)}: {os.strerror(code)}")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from cnvmd.lifecycle import Lifecycle
     from cnvmd.metrics import Metrics
     from cnvmd.migration.ops import Teleports
+    from cnvmd.network.dns import DnsService
     from cnvmd.network.service import Network
     from cnvmd.peers.service import PeerService
 
@@ -53,6 +54,8 @@ EVENTS: Key[EventBus] = Key("events", "the event stream")
 DIRECTORY: Key[ClusterService] = Key("directory", "the cluster directory")
 """Every cnvm of the cluster: ``.dir.lookup(name)`` -> Entry (ip, node), ``.dir.entries()``,
 ``.dir.add_listener(cb)`` / ``await .dir.wait_change()`` (cnvmd.cluster.directory)."""
+DNS: Key[DnsService] = Key("dns", "the cnvm resolver")
+"""Resolvers at 127.0.0.11:53 in each local cnvm's netns (cnvmd.network.dns)."""
 
 
 class Services:
