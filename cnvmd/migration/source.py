@@ -53,6 +53,7 @@ from cnvmd.migration.report import (
     save_reports,
 )
 from cnvmd.migration.undo import UndoStack
+from cnvmd.peers.transport import release_memory
 from cnvmd.runtime import Runc, RuncError, _umount_under
 from cnvmd.services import LIFECYCLE, PEERS
 from proto.messages import ErrorCode, ProtoError
@@ -464,6 +465,7 @@ class Teleport:
                                     self.name, "source")
         await asyncio.to_thread(_umount_under, self.dir)
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        await asyncio.to_thread(release_memory)  # the pages went through our buffers
 
     async def _run(self) -> None:
         r = self.report

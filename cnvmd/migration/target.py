@@ -48,6 +48,7 @@ from cnvmd.migration.policy import Mode
 from cnvmd.migration.report import RESTORE_STAGES, criu_stages, keep_logs, save_reports
 from cnvmd.migration.undo import UndoStack
 from cnvmd.peers.streams import TcpRelay
+from cnvmd.peers.transport import release_memory
 from cnvmd.runtime import Runc, RuncError, _umount_under, start_log_shim
 from cnvmd.services import LIFECYCLE, PEERS
 from proto.messages import ErrorCode, ProtoError
@@ -775,6 +776,7 @@ class TargetSide:
         await asyncio.to_thread(_umount_under, s.dir)
         await asyncio.to_thread(shutil.rmtree, s.dir, True)
         self.sessions.pop(s.sid, None)
+        await asyncio.to_thread(release_memory)  # the pages went through our buffers
 
     async def shutdown(self) -> None:
         """Daemon stop: stop watching; what is on disk is resolved by the next start."""
