@@ -94,7 +94,7 @@ def _cgroups(name: str) -> int:
     n = 0
     for base in [root, *(p for p in root.iterdir() if p.is_dir())]:
         for node in ("node1", "node2"):
-            if (base / "cnvm" / node / name).is_dir():
+            if (base / f"cnvm-{LAB}" / node / name).is_dir():  # the lab's cgroup_root
                 n += 1
     return n
 
