@@ -7,11 +7,13 @@ PYTEST_ARGS ?=
 deps:
 	scripts/install-deps
 
-## test: install everything, then run the whole suite (unit + integration)
+## test: install everything, then run the whole suite (unit + integration + VM lane);
+## in CI (CI or CNVM_SLOW set) also the slow lane: the 200-teleport soak
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@if [ -n "$${CI:-}$${CNVM_SLOW:-}" ]; then $(MAKE) --no-print-directory soak; fi
 
 ## soak: 200 consecutive teleports of a busy cnvm; resources must stay flat (prints a table)
 soak: deps
