@@ -105,10 +105,11 @@ async def start_log_shim(log_path: Path) -> LogPipe:
     r, w = os.pipe()
     try:
         # The pipe is sh's stdin; an async list's stdin would become /dev/null, so it
-        # is handed to cat explicitly through fd 3 (dash only knows fds 0-9).
+        # is handed to the shim explicitly through fd 3 (dash only knows fds 0-9). Its
+        # stdout/stderr go to /dev/null: a copy of our pipe would stay open for its life.
         p = await asyncio.create_subprocess_exec(
-            "sh", "-c", 'exec 3<&0; "$2" -I -S "$3" "$1" <&3 3<&- & echo $!', "cnvm-logshim",
-            str(log_path), sys.executable, logshim.__file__, stdin=r,
+            "sh", "-c", 'exec 3<&0; "$2" -I -S "$3" "$1" <&3 3<&- >/dev/null 2>&1 & echo $!',
+            "cnvm-logshim", str(log_path), sys.executable, logshim.__file__, stdin=r,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
