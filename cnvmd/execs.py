@@ -82,13 +82,15 @@ class ExecProc:
 
     # ---- input
 
-    def feed(self, data: bytes, eof: bool) -> None:
-        """Queue stdin bytes (in order: the caller awaits each exec.input)."""
+    def feed(self, data: bytes, eof: bool, *, bounded: bool = True) -> None:
+        """Queue stdin bytes (in order: the caller awaits each exec.input). `bounded`:
+        refuse (BUSY) when the command has not read PENDING_MAX bytes yet; the
+        request's own `stdin` (at most 8 MiB, checked by the op) is not."""
         if self.eof:
             if data:
                 raise _err(ErrorCode.CONFLICT, "stdin of this exec is closed")
             return
-        if len(self.pending) + len(data) > PENDING_MAX:
+        if bounded and len(self.pending) + len(data) > PENDING_MAX:
             raise _err(ErrorCode.BUSY, "the command is not reading its input; try later")
         if self.tty:
             self.pending += data
@@ -101,7 +103,7 @@ class ExecProc:
         if p is None or p.stdin is None:
             raise _err(ErrorCode.CONFLICT, "this exec does not take input (start it with "
                        "interactive)")
-        if p.stdin.transport.get_write_buffer_size() + len(data) > PENDING_MAX:
+        if bounded and p.stdin.transport.get_write_buffer_size() + len(data) > PENDING_MAX:
             raise _err(ErrorCode.BUSY, "the command is not reading its input; try later")
         with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
             if data:
@@ -302,7 +304,7 @@ async def _run(life: Lifecycle, e: ExecProc, argv: list[str], *, env: list[str],
     if emit is not None:
         emit(EVT_STARTED, {"id": e.id, "tty": e.tty})
     if stdin is not None:
-        e.feed(stdin, eof=not interactive)
+        e.feed(stdin, eof=not interactive, bounded=False)
 
     async def pump_pipe(stream: str) -> None:
         reader = getattr(p, stream)
