@@ -20,7 +20,7 @@ FORMAT_HELP = ("Go-template-like: text with {{.Field}} for a JSON field of each 
                "(case and _ ignored: {{.Name}} {{.IP}} {{.image_id}}), {{.a.b}} into "
                "maps, {{json .Field}} as JSON, {{.}} the whole row; \\t and \\n are "
                "tab and newline; a leading 'table ' adds a header and aligns columns "
-               "(see `cnvmctl --help` for the fields: the keys of --json)")
+               "(the fields are the keys of --json, listed below)")
 
 _ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
 _KEY = r"[A-Za-z_][A-Za-z0-9_-]*"
