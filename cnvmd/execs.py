@@ -212,6 +212,8 @@ def start_error(log: Path) -> str | None:
 
 def start_exit_code(why: str) -> int:
     """Docker's codes: 127 when the command does not exist, 126 when it cannot run."""
+    if "chdir" in why:  # a bad --cwd: the command exists but cannot run there
+        return EXIT_CANNOT_RUN
     return EXIT_NOT_FOUND if ("executable file not found" in why
                               or "no such file or directory" in why) else EXIT_CANNOT_RUN
 

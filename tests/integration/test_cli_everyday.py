@@ -181,6 +181,10 @@ def test_exec_start_errors_one_line_with_docker_codes(cnvm: float) -> None:
     assert r.stderr == 'cnvmctl: exec: "nosuch": executable file not found in $PATH\n'
     r = ctl("exec", NAME, "--", "/etc/passwd", check=126)
     assert r.stderr == 'cnvmctl: exec: "/etc/passwd": permission denied\n'
+    r = ctl("exec", NAME, "--", "/nosuch", check=127)
+    assert r.stderr.startswith('cnvmctl: exec: "/nosuch"') and r.stderr.count("\n") == 1
+    r = ctl("exec", "--cwd", "/nowhere", NAME, "--", "true", check=126)
+    assert "/nowhere" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = ctl("exec", "-t", NAME, "--", "nosuch", check=127)  # with a tty too
     assert r.stderr.endswith("executable file not found in $PATH\n") and r.stdout == ""
     assert r.stderr.count("\n") == 1

@@ -31,8 +31,10 @@ def test_start_error_from_runc_log(tmp_path):
     assert why == 'exec: "nosuch": executable file not found in $PATH'
     assert execs.start_exit_code(why) == 127
     assert execs.start_exit_code('exec: "/etc/passwd": permission denied') == 126
+    assert execs.start_exit_code('exec: "/nosuch": stat /nosuch: no such file or '
+                                 'directory') == 127
     assert execs.start_exit_code("chdir to cwd (\"/x\") set in config.json failed: no such "
-                                 "file or directory") == 127
+                                 "file or directory") == 126
     # no such entry (the command ran and exited 255 itself), or no log at all
     assert execs.start_error(_log(tmp_path, {"level": "error", "msg": "other"})) is None
     assert execs.start_error(tmp_path / "missing.log") is None
