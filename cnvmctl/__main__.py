@@ -13,6 +13,8 @@ from typing import Any
 from cnvmctl import __version__, registry
 from cnvmctl.context import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, Ctx
 
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
+
 DEFAULT_SOCKET = Path("/run/cnvm/cnvmd.sock")
 
 DESCRIPTION = """\
@@ -37,6 +39,9 @@ exit status:
   1  the operation failed (the daemon said why)
   2  usage error (bad command line)
   3  the daemon cannot be reached (not running, wrong socket, no permission)
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (e.g. `cnvmctl ls | head -1`); nothing is printed
+  exec passes the command's own status through (see `cnvmctl exec --help`)
 
 environment:
   CNVM_SOCKET           default socket path
@@ -136,16 +141,39 @@ def unreachable_hint(ctx: Ctx, message: str) -> str:
 
 
 async def _run(cmd: registry.Command, ctx: Ctx, ns: argparse.Namespace) -> int:
+    ctx.task = asyncio.current_task()
     try:
-        res = cmd.handler(ctx, ns)
-        if inspect.isawaitable(res):
-            res = await res
-        return int(res or 0)
-    finally:
-        await ctx.close()
+        try:
+            res = cmd.handler(ctx, ns)
+            if inspect.isawaitable(res):
+                res = await res
+            return int(res or 0)
+        finally:
+            await ctx.close()
+    except asyncio.CancelledError:
+        if ctx.pipe_closed:  # Ctx.write saw stdout close under a streamed command
+            raise BrokenPipeError from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit quietly when stdout's reader goes away (`| head -1`: status 141, as a
+    process killed by SIGPIPE) and on Ctrl-C (status 130), wherever they happen."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except KeyboardInterrupt:
+        print("cnvmctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and complain: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     from proto.client import Disconnected
     from proto.messages import ProtoError
 
@@ -165,9 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(cmd.path)
     try:
         return asyncio.run(_run(cmd, ctx, ns))
-    except KeyboardInterrupt:
-        print("cnvmctl: interrupted", file=sys.stderr)
-        return 130
     except Disconnected as exc:
         _report(ctx, exc.to_wire(), f"cannot reach cnvmd: {exc.message}",
                 unreachable_hint(ctx, exc.message))

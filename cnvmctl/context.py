@@ -6,6 +6,7 @@ need the daemon (``lab up``) never fail for lack of one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -38,6 +39,8 @@ class Ctx:
         self.node = node
         self._daemon_allowed = daemon
         self._client: Client | None = None
+        self.task: asyncio.Task[Any] | None = None  # the command's task (main sets it)
+        self.pipe_closed = False  # stdout's reader went away (`| head -1`)
 
     async def client(self) -> Client:
         """The connection to the daemon (opened on first use)."""
@@ -64,6 +67,28 @@ class Ctx:
             self.print_json(result)
         else:
             human(result)
+
+    def write(self, data: bytes | str, *, err: bool = False) -> None:
+        """Write and flush now (streamed output). Usable from event callbacks: a
+        closed stdout ends the command (main exits quietly) instead of the
+        connection's protocol callback failing."""
+        f = sys.stderr if err else sys.stdout
+        try:
+            if isinstance(data, bytes):
+                f.flush()
+                f.buffer.write(data)
+            else:
+                f.write(data)
+            f.flush()
+        except BrokenPipeError:
+            self.pipe_closed = True
+            try:
+                inside = asyncio.current_task() is self.task
+            except RuntimeError:  # no event loop
+                inside = True
+            if inside or self.task is None:
+                raise
+            self.task.cancel()  # from a callback: end the command at its next await
 
     def print_json(self, obj: Any) -> None:
         json.dump(obj, sys.stdout, indent=2, default=str)

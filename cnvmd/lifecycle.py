@@ -30,8 +30,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cnvmd import bundle, proc, restart, seccomp
+from cnvmd import bundle, execs, logstore, proc, restart, seccomp
 from cnvmd.api import Args, Context, Router
+from cnvmd.execs import ExecTable
 from cnvmd.images import ImageStore
 from cnvmd.runtime import ContainerState, LogPipe, Runc, RuncError, start_log_shim
 from cnvmd.services import EVENTS, LIFECYCLE, NETWORK, Plugin
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from cnvmd.events import EventBus
 
 KIND = "cnvms"
-EVT_OUTPUT = "output"
-"""`logs --follow` event: data ``{"data": str}``, a chunk of the cnvm's console log."""
-LOG_TAIL_MAX = 4 << 20
 
 
 class Network(Protocol):
@@ -140,6 +138,8 @@ class Lifecycle:
         self.events: EventBus | None = None  # the EVENTS service, when the daemon has one
         self.resolv_conf: str | None = None  # set by cnvmd.network.dns: new cnvms' resolv.conf
         self.supervisor: restart.Supervisor | None = None  # told of each (re)start
+        self.execs = ExecTable()
+        """The execs running in this node's cnvms (cnvmd.execs)."""
 
     @property
     def network(self) -> Network:
@@ -436,44 +436,27 @@ class Lifecycle:
         self._emit("rm", name)
         return {"name": name, "removed": True}
 
-    # ---- exec / logs
+    # ---- exec (cnvmd.execs) / logs
 
     async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
                    env: list[str] | None = None, cwd: str | None = None,
                    timeout: float | None = 300) -> dict[str, Any]:
-        """Run a command inside the running cnvm; its exit code is passed through."""
-        await self._require(name)
-        if not argv:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "exec needs a command")
-        st = await self.runc.state(name)
-        if st is None or st.status != "running":
-            raise _err(ErrorCode.CONFLICT, f"cnvm {name!r} is not running")
-        res = await self.runc.exec(name, argv, input=input, env=env or [], cwd=cwd,
-                                   timeout=timeout)
-        return {"exit_code": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+        """Run a command in the running cnvm: {exit_code, stdout, stderr[, error]}."""
+        return await execs.run(self, name, argv, env=env or [], cwd=cwd, stdin=input,
+                               timeout=timeout)
 
     async def logs(self, name: str, *, tail: int | None = None) -> str:
-        """The console log (last `tail` lines, at most LOG_TAIL_MAX bytes)."""
+        """The console log (last `tail` lines, at most logstore.WINDOW bytes)."""
         rec = await self._require(name)
-        return await asyncio.to_thread(_read_tail, Path(rec.get("log") or
-                                                        self.paths(name).console_log), tail)
+        log = Path(rec.get("log") or self.paths(name).console_log)
+        lines, _, _ = await asyncio.to_thread(logstore.read_tail, log, tail=tail)
+        return "".join(s for _, s in lines)
 
     async def follow(self, name: str, *, tail: int | None = None,
                      interval: float = 0.2) -> AsyncIterator[str]:
         """Yield the log, then new output as it comes, until the cnvm leaves this node."""
-        rec = await self._require(name)
-        path = Path(rec.get("log") or self.paths(name).console_log)
-        text, pos = await asyncio.to_thread(_read_tail_pos, path, tail)
-        if text:
-            yield text
-        while True:
-            chunk, pos = await asyncio.to_thread(_read_from, path, pos)
-            if chunk:
-                yield chunk
-            elif await self.record(name) is None:
-                return
-            else:
-                await asyncio.sleep(interval)
+        async for chunk in logstore.follow(self, name, tail=tail, interval=interval):
+            yield "".join(s for _, s in chunk)
 
     # ---- view
 
@@ -492,41 +475,11 @@ async def _log_shim(path: Path) -> LogPipe:
                    ) from None
 
 
-def _read_tail_pos(path: Path, tail: int | None) -> tuple[str, int]:
-    try:
-        with open(path, "rb") as f:
-            end = f.seek(0, os.SEEK_END)
-            f.seek(max(0, end - LOG_TAIL_MAX))
-            data = f.read(end - f.tell())
-    except FileNotFoundError:
-        return "", 0
-    text = data.decode(errors="replace")
-    if tail is not None:
-        lines = text.splitlines(keepends=True)
-        text = "".join(lines[-tail:]) if tail > 0 else ""
-    return text, end
-
-
-def _read_tail(path: Path, tail: int | None) -> str:
-    return _read_tail_pos(path, tail)[0]
-
-
-def _read_from(path: Path, pos: int) -> tuple[str, int]:
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < pos:
-                pos = 0  # truncated/replaced (e.g. arrived by teleport): start over
-            f.seek(pos)
-            data = f.read(min(size - pos, 1 << 20))
-    except FileNotFoundError:
-        return "", pos
-    return data.decode(errors="replace"), pos + len(data)
-
-
 # ----------------------------------------------------------------------------- ops
 
 router = Router()
+router.include(execs.router)  # exec, exec.input, exec.resize
+router.include(logstore.router)  # logs
 
 
 def _svc(ctx: Context) -> Lifecycle:
@@ -644,36 +597,6 @@ async def rm(ctx: Context, args: Args) -> dict[str, Any]:
     force = args.bool("force", False)
     args.reject_unknown()
     return await _svc(ctx).rm(name, force=force)
-
-
-@router.op("exec")
-async def exec_(ctx: Context, args: Args) -> dict[str, Any]:
-    """Run a command in a cnvm; returns exit_code, stdout, stderr. `stdin` (bytes, up to
-    8 MiB) is fed to it, else its stdin is /dev/null."""
-    name = args.str("name", max_len=63)
-    argv = args.argv("cmd")  # argv rules: no NUL, what execve() would accept
-    env = args.argv("env", [])
-    cwd = args.str("cwd", None)
-    timeout = args.float("timeout", 300.0, min=0.1, max=86400)
-    stdin = args.bytes("stdin", None)
-    args.reject_unknown()
-    return await _svc(ctx).exec(name, argv, input=stdin, env=env, cwd=cwd, timeout=timeout)
-
-
-@router.op("logs")
-async def logs(ctx: Context, args: Args) -> dict[str, Any]:
-    """A cnvm's console output; with follow, streamed as `output` events."""
-    name = args.str("name", max_len=63)
-    follow = args.bool("follow", False)
-    tail = args.int("tail", None, min=0)
-    args.reject_unknown()
-    svc = _svc(ctx)
-    if not follow:
-        return {"name": name, "data": await svc.logs(name, tail=tail)}
-    async for chunk in svc.follow(name, tail=tail):
-        ctx.emit(EVT_OUTPUT, {"data": chunk})
-        await ctx.drain()
-    return {"name": name, "data": "", "ended": "the cnvm left this node"}
 
 
 plugin = Plugin("lifecycle", requires=("events",), router=router, start=start_lifecycle)

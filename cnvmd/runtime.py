@@ -3,7 +3,8 @@
 Stdio design (verified with checkpoint + restore, see tests/integration):
 
 * A container's stdout/stderr is the write end of a **pipe** whose read end
-  belongs to a tiny *log shim*, `cat >> LOGFILE`, started detached (double-fork,
+  belongs to a tiny *log shim* (`cnvmd.logshim`: `cat >> LOGFILE` that also
+  notes when each piece arrived, in LOGFILE.idx), started detached (double-fork,
   own session) so it is nobody's child: it survives daemon restarts and exits
   by itself on EOF, i.e. when the container's last process dies. stdin is
   /dev/null. The daemon closes its copies of both ends right after starting
@@ -37,11 +38,12 @@ import json
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnvmd import proc
+from cnvmd import logshim, proc
 from cnvmd.config import default_criu
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,7 +95,8 @@ class LogPipe:
 
 
 async def start_log_shim(log_path: Path) -> LogPipe:
-    """Start `cat >> log_path` reading a new pipe; return the pipe's write end.
+    """Start the shim (`cnvmd.logshim`: like `cat >> log_path`, plus a time index)
+    reading a new pipe; return the pipe's write end.
 
     The shim is double-forked (the intermediate sh exits) in its own session, so
     it is reparented away from the daemon and outlives it.
@@ -102,11 +105,13 @@ async def start_log_shim(log_path: Path) -> LogPipe:
     r, w = os.pipe()
     try:
         # The pipe is sh's stdin; an async list's stdin would become /dev/null, so it
-        # is handed to cat explicitly through fd 3 (dash only knows fds 0-9).
+        # is handed to the shim explicitly through fd 3 (dash only knows fds 0-9). Its
+        # stdout/stderr go to /dev/null: a copy of our pipe would stay open for its life.
         p = await asyncio.create_subprocess_exec(
-            "sh", "-c", 'exec 3<&0; cat <&3 3<&- >>"$1" & echo $!', "cnvm-logshim",
-            str(log_path), stdin=r, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            "sh", "-c", 'exec 3<&0; "$2" -I -S "$3" "$1" <&3 3<&- >/dev/null 2>&1 & echo $!',
+            "cnvm-logshim", str(log_path), sys.executable, logshim.__file__, stdin=r,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         # One line, not communicate(): under uvloop the background cat can inherit a
         # copy of the stdout pipe, so EOF would only come when the cnvm dies.

@@ -50,6 +50,11 @@ class _End(enum.Enum):
 _END = _End.END
 
 
+def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Call:
     """One in-flight request: await it for the result, iterate it for its events."""
 
@@ -62,6 +67,9 @@ class Call:
         self._queue: asyncio.Queue[Event | _End] | None = (
             asyncio.Queue() if queue_events else None)
         self._fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Awaiting goes through shield(): a caller cancelled (Ctrl-C) never reads the
+        # error the closing connection sets later. Mark it read: no asyncio noise.
+        self._fut.add_done_callback(_mark_retrieved)
 
     # -- fed by the client's protocol
     def _event(self, ev: Event) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from typing import Any
 
-from cnvmctl.context import Ctx
+from cnvmctl import timefmt
+from cnvmctl.context import EXIT_USAGE, CliError, Ctx
 from cnvmctl.output import cell, duration, print_kv, print_table, print_tree, size
 from cnvmctl.registry import arg, command
+from cnvmctl.template import FORMAT_HELP, FormatError, Template
 
 
 def _yn(v: Any) -> str:
@@ -83,73 +84,127 @@ def render_ls(rows: list[dict[str, Any]]) -> None:
                  "memory": lambda m: size(m) if isinstance(m, int) else cell(m)})
 
 
-@command("ls", help="list the cnvms of the whole cluster (or of one node)",
-         description="List every cnvm of the cluster with the node that runs it (the cluster "
-                     "directory,\ncurrent within about a second). --local lists this node's "
-                     "cnvms from runc and\nthe daemon's records instead (with PID, uptime and "
-                     "adoption).\n\n"
-                     "STATE notes: 'adopted' = already running when this daemon started "
-                     "(it took it over);\n'unmanaged' = a container in the daemon's runc root "
-                     "without a cnvm record;\n'missing' = recorded as running but no container "
-                     "exists;\n'exited (N)' = its process exited with status N and its restart "
-                     "policy\nleft it so; 'restarting' = waiting out the restart backoff; "
-                     "'(node down)' = its node\ndoes not answer: the last known state. "
-                     "RESTARTS counts the policy's restarts\nsince the last deploy/start.",
-         epilog="examples:\n  cnvmctl ls                 # every node\n"
-                "  cnvmctl ls --node node2    # only node2's cnvms\n"
-                "  cnvmctl ls --local         # this node, with PIDs and uptime",
-         args=[arg("--node", "--on", dest="on_node", metavar="NODE", help="only the cnvms of NODE"),
-               arg("--local", action="store_true", help="this node only, from runc")])
-async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
-    if a.local:
-        ctx.output(await ctx.call("ls"), render_ls)
-        return
-    res = await ctx.call("cluster.ls", {"node": a.on_node} if a.on_node else {})
-    rows = res["cnvms"]
-    if not res.get("cluster"):  # a node alone: the classic view
-        ctx.output(rows, render_ls)
-        return
-
-    def human(rows: list[dict[str, Any]]) -> None:
-        shown = [{**r, "state": _state(r) + (" (node down)" if r.get("node_state") == "down"
-                                             else "")
-                  + (" DUPLICATE" if r.get("duplicate") else "")} for r in rows]
-
-        def mem(m: Any) -> str:
-            return size(m) if isinstance(m, int) else cell(m)
-
-        print_table(shown, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
-                            ("PID", "pid"), ("IMAGE", "image"), ("IP", "ip"),
-                            ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime"),
-                            ("RESTARTS", "restarts")],
-                    {"uptime": duration, "memory": mem, "mem_use": mem})
-
-    ctx.output(rows, human)
-
-
 def _exited(r: dict[str, Any]) -> str:
-    at = datetime.datetime.fromtimestamp(float(r["exited_at"]), datetime.UTC)
     code = r.get("exit_code")
-    return f"{at:%Y-%m-%d %H:%M:%S}Z, exit code {code if code is not None else 'unknown'}"
+    return f"{timefmt.human(r['exited_at'])}, exit code {code if code is not None else 'unknown'}"
+
+
+def _format_arg() -> Any:
+    return arg("--format", metavar="TEMPLATE", help="print each row through TEMPLATE: "
+               + FORMAT_HELP)
+
+
+def print_formatted(ctx: Ctx, spec: str, rows: list[dict[str, Any]]) -> None:
+    """--format: one rendered line per row (usage error on a bad template/field)."""
+    try:
+        lines = Template(spec).lines(rows)
+    except FormatError as exc:
+        raise CliError(f"--format: {exc}", EXIT_USAGE) from None
+    for ln in lines:
+        ctx.write(ln + "\n")
+
+
+LS_DESCRIPTION = (
+    "List every cnvm of the cluster with the node that runs it (the cluster directory,\n"
+    "current within about a second). --local lists this node's cnvms from runc and\n"
+    "the daemon's records instead (with PID, uptime and adoption).\n\n"
+    "STATE notes: 'adopted' = already running when this daemon started (it took it over);\n"
+    "'unmanaged' = a container in the daemon's runc root without a cnvm record;\n"
+    "'missing' = recorded as running but no container exists;\n"
+    "'exited (N)' = its process exited with status N and its restart policy left it so;\n"
+    "'restarting' = waiting out the restart backoff; '(node down)' = its node does not\n"
+    "answer: the last known state. RESTARTS counts the policy's restarts since the last\n"
+    "deploy/start.")
+LS_EPILOG = """\
+fields for --format (the keys of --json): name, node, state, pid, managed, adopted,
+image, ip, memory, mem_use, created, uptime, restart, restarts, exit_code, exited_at
+
+examples:
+  cnvmctl ls                                     every node
+  cnvmctl ls --node node2                        only node2's cnvms
+  cnvmctl ls --local                             this node, with PIDs and uptime
+  cnvmctl ps -q                                  names only, one a line
+  cnvmctl ls --format '{{.Name}} {{.Node}} {{.IP}}'
+  cnvmctl ls --format 'table {{.Name}}\\t{{.State}}\\t{{.Uptime}}'
+"""
+LS_ARGS = [arg("--node", "--on", dest="on_node", metavar="NODE",
+               help="only the cnvms of NODE"),
+           arg("--local", action="store_true", help="this node only, from runc"),
+           arg("--quiet", "-q", action="store_true", help="print the names only"),
+           _format_arg()]
+
+
+def _render_cluster(rows: list[dict[str, Any]]) -> None:
+    shown = [{**r, "state": _state(r) + (" (node down)" if r.get("node_state") == "down"
+                                         else "")
+              + (" DUPLICATE" if r.get("duplicate") else "")} for r in rows]
+
+    def mem(m: Any) -> str:
+        return size(m) if isinstance(m, int) else cell(m)
+
+    print_table(shown, [("NAME", "name"), ("NODE", "node"), ("STATE", "state"),
+                        ("PID", "pid"), ("IMAGE", "image"), ("IP", "ip"),
+                        ("MEMORY", "memory"), ("USED", "mem_use"), ("UPTIME", "uptime"),
+                        ("RESTARTS", "restarts")],
+                {"uptime": duration, "memory": mem, "mem_use": mem})
+
+
+async def ls(ctx: Ctx, a: argparse.Namespace) -> None:
+    render: Any = render_ls
+    if a.local:
+        rows = await ctx.call("ls")
+    else:
+        res = await ctx.call("cluster.ls", {"node": a.on_node} if a.on_node else {})
+        rows = res["cnvms"]
+        if res.get("cluster"):  # else a node alone: the classic view
+            render = _render_cluster
+    if a.quiet:
+        for r in rows:
+            ctx.write(f"{r['name']}\n")
+    elif a.format:
+        print_formatted(ctx, a.format, rows)
+    else:
+        ctx.output(rows, render)
+
+
+command("ls", help="list the cnvms of the whole cluster (or of one node)",
+        description=LS_DESCRIPTION, epilog=LS_EPILOG, args=LS_ARGS)(ls)
+command("ps", help="list the cnvms (same as ls)", description=LS_DESCRIPTION,
+        epilog=LS_EPILOG, args=LS_ARGS)(ls)
+
+
+def _is_time_key(k: Any) -> bool:
+    return isinstance(k, str) and (k in ("at", "created", "started", "time")
+                                   or k.endswith(("_at", "_time")))
+
+
+def humanize_times(obj: Any, now: float | None = None) -> Any:
+    """A copy of `obj` whose time fields (`*_at`, `created`, ...; epoch numbers or RFC
+    3339 strings) read as local time plus how long ago."""
+    if isinstance(obj, dict):
+        return {k: (timefmt.human(v, now) if _is_time_key(k) and timefmt.to_epoch(v)
+                    is not None else humanize_times(v, now)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [humanize_times(v, now) for v in obj]
+    return obj
 
 
 def render_inspect(r: dict[str, Any]) -> None:
-    created = r.get("created")
     print_kv([("name", r.get("name")), ("state", _state(r)), ("pid", r.get("pid")),
               ("node", r.get("node")), ("image", r.get("image")), ("ip", r.get("ip")),
-              ("created", created), ("uptime", duration(r.get("uptime"))),
+              ("created", timefmt.human(r.get("created"))),
+              ("uptime", duration(r.get("uptime"))),
               ("restart", f"{r.get('restart') or 'no'} ({r.get('restarts') or 0} restarts)"),
               *([("exited", _exited(r))] if r.get("exited_at") else [])])
     adoption = r.get("adoption")
     if adoption:
-        at = datetime.datetime.fromtimestamp(adoption["at"], datetime.UTC)
-        print(f"adopted   pid {adoption['pid']} at {at:%Y-%m-%d %H:%M:%S}Z")
+        print(f"adopted   pid {adoption['pid']} at {timefmt.human(adoption['at'])}")
     if r.get("record"):
         print("record:")
-        print_tree(r["record"], 2)
+        print_tree(humanize_times(r["record"]), 2)
     if r.get("runc"):
         print("runc:")
-        print_tree(r["runc"], 2)
+        print_tree(humanize_times(r["runc"]), 2)
     for e in r.get("exposes") or []:
         if e.get("error"):
             print(f"expose    on {e['node']}: unknown ({e['error']})")
@@ -173,10 +228,19 @@ def render_inspect(r: dict[str, Any]) -> None:
 
 @command("inspect", help="show one cnvm in detail",
          description="Show one cnvm: live state, its record (image, IP, limits, history) and "
-                     "runc's view.",
-         args=[arg("name", metavar="NAME", help="the cnvm's name")])
+                     "runc's view.\nTimes are shown in local time with how long ago; "
+                     "--json keeps them as the\ndaemon sends them (UNIX times, RFC 3339).",
+         epilog="fields for --format: the keys of --json (name, state, pid, node, image, ip,"
+                "\ncreated, uptime, record.*, runc.*, adoption, exposes, teleports)\n\n"
+                "examples:\n  cnvmctl inspect web\n"
+                "  cnvmctl inspect --format '{{.IP}} {{.record.image_id}}' web",
+         args=[arg("name", metavar="NAME", help="the cnvm's name"), _format_arg()])
 async def inspect(ctx: Ctx, a: argparse.Namespace) -> None:
-    ctx.output(await ctx.call("inspect", {"name": a.name}), render_inspect)
+    res = await ctx.call("inspect", {"name": a.name})
+    if a.format:
+        print_formatted(ctx, a.format, [res])
+    else:
+        ctx.output(res, render_inspect)
 
 
 @command("ping", help="check that the daemon answers, and how fast",

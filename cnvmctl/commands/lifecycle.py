@@ -1,10 +1,10 @@
 """Image and cnvm lifecycle commands (issue 4): images import/ls/inspect/rm, deploy,
-stop, start, rm, exec, logs. The daemon side is cnvmd/lifecycle.py."""
+stop, start, rm (exec and logs: cnvmctl/commands/exec.py, logs.py). The daemon side is
+cnvmd/lifecycle.py."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Any
@@ -12,7 +12,6 @@ from typing import Any
 from cnvmctl.context import EXIT_USAGE, CliError, Ctx
 from cnvmctl.output import cell, print_kv, print_table, print_tree, size
 from cnvmctl.registry import arg, command, group
-from proto.client import Event
 from proto.imageref import looks_like_registry_ref
 
 group("images", help="import, list and remove images on a node")
@@ -180,48 +179,3 @@ async def start(ctx: Ctx, a: argparse.Namespace) -> None:
 async def rm(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("rm", {"name": a.name, "force": a.force})
     ctx.output(res, lambda r: print(f"removed {r['name']} from {r.get('node', '?')}"))
-
-
-@command("exec", help="run a command inside a cnvm (its exit code is passed through)",
-         epilog="example: cnvmctl exec web1 -- cat /etc/hostname",
-         configure=_after_dashdash,
-         args=[arg("name", metavar="NAME"),
-               arg("--env", "-e", action="append", default=[], metavar="K=V"),
-               arg("--cwd", help="working directory inside"),
-               arg("--interactive", "-i", action="store_true",
-                   help="pass this command's stdin (read to its end, up to 8 MiB) to CMD; "
-                        "without it CMD's stdin is /dev/null"),
-               arg("cmd", nargs="*", metavar="CMD", help="after --: the command and its args")])
-async def exec_(ctx: Ctx, a: argparse.Namespace) -> int:
-    cmd = list(a.cmd)
-    args: dict[str, Any] = {"name": a.name, "cmd": cmd, "env": a.env, "cwd": a.cwd}
-    if a.interactive:
-        data = await asyncio.to_thread(sys.stdin.buffer.read, (8 << 20) + 1)
-        if len(data) > 8 << 20:
-            raise CliError("stdin is larger than 8 MiB", EXIT_USAGE)
-        args["stdin"] = data
-    res = await ctx.call("exec", args)
-    if ctx.json:
-        ctx.print_json(res)
-    else:
-        sys.stdout.write(res["stdout"])
-        sys.stderr.write(res["stderr"])
-    return int(res["exit_code"])
-
-
-@command("logs", help="show a cnvm's console output",
-         args=[arg("name", metavar="NAME"),
-               arg("--follow", "-f", action="store_true", help="keep printing new output"),
-               arg("--tail", type=int, help="only the last N lines")])
-async def logs(ctx: Ctx, a: argparse.Namespace) -> None:
-    def on_event(ev: Event) -> None:
-        if ev.name == "output":
-            sys.stdout.write(ev.data.get("data", ""))
-            sys.stdout.flush()
-
-    res = await ctx.call("logs", {"name": a.name, "follow": a.follow, "tail": a.tail},
-                         on_event=on_event if a.follow else None)
-    if ctx.json and not a.follow:
-        ctx.print_json(res)
-    else:
-        sys.stdout.write(res.get("data", ""))

@@ -182,6 +182,9 @@ async def teleport(ctx: Context, args: Args) -> dict[str, Any]:
         if lock.locked():
             raise ProtoError(ErrorCode.BUSY, f"{name} is busy with another operation")
         async with lock:
+            if life.execs.running(name):  # CRIU cannot dump runc's exec children
+                raise ProtoError(ErrorCode.CONFLICT, f"{name} has an exec running "
+                                 "(`cnvmctl exec`); teleport it when that ends")
             try:
                 report = await tp.run()
             finally:

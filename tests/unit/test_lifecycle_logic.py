@@ -74,18 +74,23 @@ async def test_net_errors_become_proto_errors():
 
 
 def test_log_reading(tmp_path):
+    from cnvmd import logstore
+
+    def text(lines):
+        return "".join(s for _, s in lines)
+
     log = tmp_path / "console.log"
-    assert lifecycle._read_tail(log, None) == ""
+    assert logstore.read_tail(log) == ([], 0, 0)
     log.write_text("a\nb\nc\n")
-    assert lifecycle._read_tail(log, 2) == "b\nc\n"
-    assert lifecycle._read_tail(log, 0) == ""
-    text, pos = lifecycle._read_tail_pos(log, None)
-    assert text == "a\nb\nc\n" and pos == 6
+    assert text(logstore.read_tail(log, tail=2)[0]) == "b\nc\n"
+    assert text(logstore.read_tail(log, tail=0)[0]) == ""
+    lines, pos, _ = logstore.read_tail(log)
+    assert text(lines) == "a\nb\nc\n" and pos == 6
     with log.open("a") as f:
         f.write("d\n")
-    assert lifecycle._read_from(log, pos) == ("d\n", 8)
+    assert logstore.read_from(log, pos) == ([(None, "d\n")], 8)
     log.write_text("new\n")  # replaced (e.g. arrived by teleport): start over
-    assert lifecycle._read_from(log, 8) == ("new\n", 4)
+    assert logstore.read_from(log, 8) == ([(None, "new\n")], 4)
 
 
 def test_overlay_options_fit_the_new_mount_api(tmp_path):
