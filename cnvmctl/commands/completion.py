@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnvmctl.context import Ctx
+from cnvmctl.context import CliError, Ctx
 from cnvmctl.registry import arg, command
 
 EPILOG = """\
@@ -24,7 +24,11 @@ or for the current shell only:
          epilog=EPILOG, args=[arg("shell", choices=["bash", "zsh"], metavar="SHELL",
                                   help="bash or zsh")])
 def completion(ctx: Ctx, a: argparse.Namespace) -> None:
-    import shtab
+    try:
+        import shtab
+    except ImportError:
+        raise CliError("shtab is not installed (pip install 'cnvm[docs]', or run "
+                       "scripts/install-deps)") from None
 
     from cnvmctl.__main__ import build_parser
 

@@ -251,6 +251,25 @@ class ClusterIpam:
                                            ErrorCode.ALREADY_EXISTS)
                     self.ipam.in_use[ip] = owner
                 return ip
+            return await self._claim_remote(ip, owner, holder)
+        for _ in range(8):  # a rival may take what was handed over: ask again
+            async with self._ring_lock:
+                ip_or_none = self._free_own()
+                if ip_or_none is not None:
+                    self.ipam.in_use[ip_or_none] = owner
+                    return ip_or_none
+            if not await self._request_handover():
+                break
+        raise NetworkError(f"no free address in the ranges of {self.node}, and no reachable "
+                           "member could hand one over", ErrorCode.UNAVAILABLE)
+
+    async def _claim_remote(self, ip: str, owner: str, holder: str) -> str:
+        """Ask the owner of ip's range for it. An owner that does not know the range is
+        its own yet (a hand-over still on its way to it, right after a join) answers
+        "not_owner": merge the rings and ask again, a few times, before giving up."""
+        for attempt in range(8):
+            if holder == self.node:
+                return await self._allocate_ranged(owner, ip)
             if holder not in self.peers.up_peers():
                 raise NetworkError(f"cannot claim {ip}: its range is owned by {holder}, "
                                    f"which is unreachable (down); retry when {holder} is "
@@ -262,21 +281,17 @@ class ClusterIpam:
                                    f"which is unreachable ({exc}); retry when {holder} is "
                                    "back, or deploy without --ip", ErrorCode.UNAVAILABLE) \
                     from None
-            if ok is not True:
+            if ok is True:
+                self.ipam.on_commit(ip, owner)
+                return ip
+            if ok != "not_owner":
                 raise NetworkError(f"{ip} is already in use (its owner {holder} says so)",
                                    ErrorCode.ALREADY_EXISTS)
-            self.ipam.on_commit(ip, owner)
-            return ip
-        for _ in range(8):  # a rival may take what was handed over: ask again
-            async with self._ring_lock:
-                ip_or_none = self._free_own()
-                if ip_or_none is not None:
-                    self.ipam.in_use[ip_or_none] = owner
-                    return ip_or_none
-            if not await self._request_handover():
-                break
-        raise NetworkError(f"no free address in the ranges of {self.node}, and no reachable "
-                           "member could hand one over", ErrorCode.UNAVAILABLE)
+            await asyncio.sleep(0.05 * (attempt + 1))
+            await self.refresh_ring()
+            holder = self.ring.owner_of(int(ipaddress.IPv4Address(ip))) or holder
+        raise NetworkError(f"cannot claim {ip}: {holder} and this node disagree on who owns "
+                           "its range; retry in a moment", ErrorCode.UNAVAILABLE)
 
     async def refresh_ring(self, nodes: list[str] | None = None) -> None:
         """Merge the rings of reachable members (sending ours); found it if nobody has."""
@@ -449,8 +464,9 @@ class ClusterIpam:
                      ipaddress.IPv4Address(b - 1), to)
         return {"ring": self.ring.to_wire(), "in_use": out}
 
-    async def _grant(self, args: dict[str, Any]) -> bool:
-        """A member wants a specific address of one of our ranges for cnvm `owner`."""
+    async def _grant(self, args: dict[str, Any]) -> bool | str:
+        """A member wants a specific address of one of our ranges for cnvm `owner`:
+        True, False (in use) or "not_owner" (our ring does not give us that range)."""
         ip, owner = args.get("ip"), args.get("owner")
         if not isinstance(owner, str) or not 0 < len(owner) <= 128:
             raise NetworkError("ipam.grant: bad owner", ErrorCode.INVALID_ARGUMENT)
@@ -461,7 +477,7 @@ class ClusterIpam:
         key = str(addr)
         async with self._ring_lock:
             if self.ring.owner_of(int(addr)) != self.node:
-                return False
+                return "not_owner"
             cur = self.ipam.in_use.get(key)
             if (cur is not None and cur != owner) or key in self.ipam.pending:
                 return False

@@ -196,9 +196,13 @@ async def test_policy_travels_with_a_teleport_and_survives_a_daemon_restart(hl: 
                             on_event=lambda ev: seen.append(ev.data)
                             if ev.name == "progress" else None, timeout=300)
         assert rep["ok"], rep
-        # the live view shows the lazy pages moving after the switchover
-        live = [d["done"] for d in seen if d.get("what") == "pages"]
-        assert live and max(live) >= anon // 2, (anon, live[-5:])
+        # the live view shows the lazy pages moving from the restore on (progress is per
+        # phase: the prefetching relay may bring most of them before the switchover)
+        per_phase: dict[str, int] = {}
+        for d in seen:
+            if d.get("what") == "pages":
+                per_phase[d["phase"]] = max(per_phase.get(d["phase"], 0), d["done"])
+        assert sum(per_phase.values()) >= anon // 2, (anon, per_phase)
         assert not [d for d in seen if isinstance(d.get("total"), int)
                     and d.get("done", 0) > d["total"]]
         await tap1.until(lambda: "committed" in tap1.of(name, "teleport"))

@@ -519,7 +519,8 @@ async def test_deploy_real_containers_on_the_overlay(lab_factory, tmp_path: Path
         ns_before = netlink.netns_list(f"{LAB}-")
         for args, msg in [({"name": "x", "ip": "10.100.102.3"}, "outside the cluster subnet"),
                           ({"name": "x", "ip": "10.100.101.30"}, "already in use"),
-                          ({"name": "web"}, "already holds 10.100.101.30")]:
+                          # the cluster directory refuses the name before IPAM is asked
+                          ({"name": "web"}, "named 'web' already exists on node1")]:
             with pytest.raises(ProtoError, match=msg):
                 await call("node3", "deploy", {**args, "image": "busybox"})
         assert (await call("node3", "net.ipam"))["in_use"] == table

@@ -56,7 +56,7 @@ CRIU_DEBS = ["criu", "libcompel1", "libnet9", "libnl-3-200", "libc6"]
 INITRD_MODULES = ["virtio_blk", "virtio_net", "ext4", "crc32c_generic", "crc32c_intel"]
 # trixie's python3-pyroute2 is 0.7.7; the project needs >= 0.9.2. The (pure-Python)
 # wheel is fetched on the host once and installed into the guest venv at build time.
-WHEELS = ["pyroute2>=0.9.2"]
+WHEELS = ["pyroute2>=0.9.2", "dnslib>=0.9.20", "prometheus_client>=0.17"]
 
 # Runs at boot inside every guest: per-guest settings come from the kernel command
 # line (one image, N guests). NICs are found by MAC: 52:54:00:77:00:xx is the
