@@ -311,6 +311,8 @@ class Teleport:
         self._emit("progress", data)
 
     async def enter(self, phase: Phase) -> None:
+        if self._moving:  # the phase's last figure, so a live view misses no bytes
+            self.tick("pages" if any(k.startswith("pages") for k in self._moving) else None)
         now = time.monotonic()
         self.report.phases[str(self.phase)] = round(
             self.report.phases.get(str(self.phase), 0.0) + now - self._phase_t, 4)
