@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"mem": [64], "dirty": [10], "shape": ["none", "1gbit"],
               "modes": ["postcopy", "stop-copy", "seed"], "rounds": 2, "timeline": False},
     "full": {"mem": [64, 256, 1024], "dirty": [0, 10, 100], "shape": ["none", "1gbit"],
-             "modes": ["postcopy", "stop-copy", "seed"], "rounds": 3, "timeline": False},
+             "modes": ["postcopy", "stop-copy", "seed"], "rounds": 2, "timeline": False},
     "freeze": {"mem": [0, 256], "dirty": [16], "shape": ["none"],
                "modes": ["postcopy", "stop-copy", "seed"], "rounds": 10, "timeline": True},
 }

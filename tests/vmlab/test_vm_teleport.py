@@ -263,7 +263,7 @@ def _assert_on(lab: VMLab, c: Client, ip: str, node: int) -> None:
     assert c.port is not None and not c.eof
     c.check_sequence()
     for i in range(lab.n):
-        names = [x["name"] for x in _json(lab.cnvmctl(i, "--json ls"))]
+        names = [x["name"] for x in _json(lab.cnvmctl(i, "--json ls --local"))]
         assert (NAME in names) == (i == node), (lab.guests[i].name, names)
     info = _json(lab.cnvmctl(node, f"--json inspect {NAME}"))
     assert info["state"] == "running" and info["ip"] == ip, info
@@ -309,7 +309,7 @@ def test_precopy_fault_unwinds_to_the_source(served: tuple[VMLab, Client, str],
     unwinds to a cnvm that runs once, on the source, with its connection and file."""
     lab, c, ip = served
     src = next(i for i in range(lab.n)
-               if NAME in [x["name"] for x in _json(lab.cnvmctl(i, "--json ls"))])
+               if NAME in [x["name"] for x in _json(lab.cnvmctl(i, "--json ls --local"))])
     dst = 1 - src
     args = {"name": NAME, "target": lab.guests[dst].name, "mode": "precopy",
             "fail_at": fault}
