@@ -120,6 +120,7 @@ class TeleLab:
         self.image = "busybox:latest"
         self.clients: list[Conn] = []
         self.daemons: dict[str, asyncio.subprocess.Process] = {}
+        self.conn: Conn | None = None
         self.extra_config = ""  # more cnvmd.toml lines for every node (e.g. metrics_listen)
 
     # ---- API
@@ -245,6 +246,17 @@ class TeleLab:
             args["memory"] = memory
         args["ip"] = ip
         return await self.call(node, "deploy", args)
+
+    async def deploy_with_client(self, name: str, ip: str) -> Conn:
+        """The fault tests' cnvm: deployed on node1 with a file written inside
+        (/data.txt = "kept") and one client connection counting; also `self.conn`."""
+        await self.deploy(name, ip)
+        res = await self.call("node1", "exec", {"name": name, "cmd": [
+            "sh", "-c", "echo kept > /data.txt"]})
+        assert res["exit_code"] == 0, res
+        self.conn = await self.client(ip)
+        await self.conn.wait_more(20)
+        return self.conn
 
     async def client(self, ip: str, interval: float = 0.01) -> Conn:
         p = await self.lab.spawn("client", [sys.executable, "-c", CLIENT, ip, str(PORT),

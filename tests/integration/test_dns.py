@@ -66,8 +66,7 @@ async def dlab(tmp_path: Path):
         await tl.up(tmp_path)
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-40:]))
+        tl.print_logs(40)
         raise
     finally:
         await tl.down()

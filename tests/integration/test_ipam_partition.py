@@ -38,8 +38,7 @@ async def plab(tmp_path_factory: pytest.TempPathFactory):
                                                  "name": tl.image})
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-60:]))
+        tl.print_logs(60)
         raise
     finally:
         await tl.down()

@@ -74,8 +74,7 @@ async def soaklab(tmp_path_factory: pytest.TempPathFactory):
         await tl.conn.wait_more(20)  # type: ignore[attr-defined]
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-60:]))
+        tl.print_logs(60)
         raise
     finally:
         await tl.down()

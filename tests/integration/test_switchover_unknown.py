@@ -44,16 +44,10 @@ async def slab(tmp_path_factory: pytest.TempPathFactory):
     tl = TeleLab(LAB, 2)
     try:
         await tl.up(tmp_path_factory.mktemp("slab"))
-        await tl.deploy(NAME, IP)
-        res = await tl.call("node1", "exec", {"name": NAME, "cmd": [
-            "sh", "-c", "echo kept > /data.txt"]})
-        assert res["exit_code"] == 0
-        tl.conn = await tl.client(IP)  # type: ignore[attr-defined]
-        await tl.conn.wait_more(20)  # type: ignore[attr-defined]
+        await tl.deploy_with_client(NAME, IP)
         yield tl
     except BaseException:
-        for n in tl.lab.node_names:
-            print(f"--- {n} cnvmd.log\n" + "\n".join(tl.daemon_log(n).splitlines()[-60:]))
+        tl.print_logs(60)
         raise
     finally:
         await tl.down()
