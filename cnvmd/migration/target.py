@@ -625,9 +625,10 @@ class TargetSide:
             await asyncio.to_thread(tcprepair.repair_off, pids)  # a window probe each
             mark("window probes (repair off)", t)
             t = time.monotonic()
-            st = await self.runc.state(s.name)
-            if st is not None and st.status == "paused":
-                await self.runc.resume(s.name)
+            if not await self.runc.thaw(s.name):  # no freezer path known: ask runc
+                st = await self.runc.state(s.name)
+                if st is not None and st.status == "paused":
+                    await self.runc.resume(s.name)
             mark("thaw", t)
         except Exception as exc:
             log.error("teleport %s: unfencing %s: %s", s.sid, s.name, exc)
