@@ -64,13 +64,16 @@ def ago(t: float, now: float | None = None) -> str:
     return "just now"
 
 
+RFC3339_RE = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,9})?)?(Z|[+-]\d\d:?\d\d)?")
+
+
 def to_epoch(v: object) -> float | None:
     """A UNIX time from a number or an RFC 3339 string (runc's `created`), else None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, int | float):
         return float(v)
-    if isinstance(v, str) and re.match(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d", v):
+    if isinstance(v, str) and RFC3339_RE.fullmatch(v):
         # runc writes nanoseconds; fromisoformat takes at most microseconds
         v = re.sub(r"(\.\d{6})\d+", r"\1", v)
         try:

@@ -215,7 +215,7 @@ class Supervisor:
         A watched cnvm costs nothing here (its pidfd tells its exit), so in the steady
         state this runs no runc at all: only a cnvm that arrived (teleport), was
         adopted, or whose exit happened while the daemon was down is looked up."""
-        self._reap_orphans()
+        await self._reap_orphans()
         life = self.life
         recs = await asyncio.to_thread(_records, life)
         for name, rec in recs.items():
@@ -232,14 +232,14 @@ class Supervisor:
                 continue
             self._spawn(self.handle_exit(name, None, None, time.time()))
 
-    def _reap_orphans(self) -> None:
+    async def _reap_orphans(self) -> None:
         """Zombies of orphans we inherited as subreaper and nobody waits for (seen
         twice, a second apart: asyncio reaps its own children at once)."""
         watched = {pid for pid, _ in self._watch.values()}
-        z = _zombies(_children() - watched)
+        z = await asyncio.to_thread(lambda: _zombies(_children() - watched))
         for pid in z & self._old_zombies:
             with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: never blocks
         self._old_zombies = z - self._old_zombies
 
     # ---- acting on an exit
