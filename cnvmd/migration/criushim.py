@@ -111,18 +111,18 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
         kdat = KDAT_DIR
     d = Path(state_dir) / "teleport"
 
-    def write(name: str, text: str) -> str:
+    def write(name: str, text: str, mode: int = 0o755) -> str:
         d.mkdir(parents=True, exist_ok=True)
         tmpw = d / f".{name}.tmp"
         tmpw.write_text(text)
-        tmpw.chmod(0o755)
+        tmpw.chmod(mode)
         os.replace(tmpw, d / name)
         return str(d / name)
 
     try:
         conf = None
         if shutil.which("nft"):
-            await asyncio.to_thread(write, "criu.conf", NFT_CONFIG)
+            await asyncio.to_thread(write, "criu.conf", NFT_CONFIG, 0o644)
             conf = d / "criu.conf"
         main = criu if preload is None and conf is None else await asyncio.to_thread(
             write, "criu", wrapper_text(criu, preload, None, conf))

@@ -32,6 +32,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import os
 import re
 import struct
 import time
@@ -92,8 +93,6 @@ def parse_pagemap(data: bytes) -> list[tuple[int, int]]:
 def read_pagemaps(images: Path) -> dict[int, list[tuple[int, int]]]:
     """Lazy ranges per image id, from `images` (our own session dir). Files are opened
     without following symlinks; a malformed image only means no prefetch for it."""
-    import os
-
     out: dict[int, list[tuple[int, int]]] = {}
     try:
         names = os.listdir(images)
