@@ -6,7 +6,8 @@ counter must carry on, teleported N times back and forth, alternating postcopy a
 stop-copy. After every teleport both nodes are sampled: cnvmd's RSS, open fds and
 threads; and, summed over both nodes, network namespaces, mounts under the lab's
 state dirs, cgroups of the cnvm, runc containers and teleport session dirs. The
-table is printed; after the warm-up the daemon gauges stay within ±10 % and the
+table is printed; after the warm-up the daemon gauges (their running median over 5
+samples: one sample taken mid-work is no leak) stay within ±10 % and the
 leftover counts never move (tests/soakcheck.py, itself unit-tested with leaking
 series).
 
