@@ -36,6 +36,7 @@ CLIENT = r"""
 import socket, sys, time
 ip, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 wait = float(sys.argv[4]) if len(sys.argv) > 4 else 20.0  # connect deadline (s)
+patience = float(sys.argv[5]) if len(sys.argv) > 5 else 120.0  # longest wait for a reply
 deadline = time.monotonic() + wait
 while True:
     try:
@@ -45,7 +46,7 @@ while True:
         if time.monotonic() > deadline:
             raise
         time.sleep(0.1)
-s.settimeout(120)
+s.settimeout(patience)
 print("port", s.getsockname()[1], flush=True)
 f = s.makefile("rb")
 while True:

@@ -26,7 +26,7 @@ from cnvmd.migration.report import load_reports
 from cnvmd.migration.source import FAULT_POINTS, LOSS_POINTS, Options, Teleport, TeleportError
 from cnvmd.migration.target import HOLD_REPLY, TARGET_FAULT_POINTS, TargetSide
 from cnvmd.peers.streams import splice
-from cnvmd.services import LIFECYCLE, TELEPORTS, Plugin
+from cnvmd.services import LIFECYCLE, PEERS, TELEPORTS, Plugin
 from proto.messages import ErrorCode, ProtoError
 
 log = logging.getLogger("cnvmd.teleport")
@@ -283,8 +283,36 @@ async def t_abort(ctx: Context, args: Args) -> dict[str, Any]:
 
 @peer_router.op("teleport.status", summary="target: where a session stands")
 async def t_status(ctx: Context, args: Args) -> dict[str, Any]:
-    msg = wire.SessionRef.from_wire(args, "status")
-    return {"status": str(await _engine(ctx).target.status(msg.sid, _caller(ctx)))}
+    msg = wire.StatusQuery.from_wire(args, "status")
+    caller = _caller(ctx)
+    # A member relaying the source's question names the source (read-only: a status
+    # changes nothing, so a member may ask on another's behalf).
+    asker = msg.on_behalf if msg.on_behalf is not None else caller
+    return {"status": str(await _engine(ctx).target.status(msg.sid, asker))}
+
+
+RELAY_TIMEOUT = 3.0
+"""Seconds a relaying member waits for the target (the source asks again anyway)."""
+
+
+@peer_router.op("teleport.relay_status",
+                summary="any member: ask a target where a session stands, for its source")
+async def t_relay_status(ctx: Context, args: Args) -> dict[str, Any]:
+    """Why: a source cut off from its target after the restore request must learn the
+    outcome; another member that still reaches the target asks for it. Status only:
+    a relayed confirm or abort would let any member decide another's switchover."""
+    msg = wire.RelayStatus.from_wire(args)
+    caller = _caller(ctx)
+    peers = ctx.daemon.services.require(PEERS)
+    if msg.target in (caller, peers.name):
+        raise ProtoError(ErrorCode.INVALID_ARGUMENT,
+                         f"relay_status: target {msg.target!r} is the asker or this node")
+    if msg.target not in links.member_names(peers):
+        raise ProtoError(ErrorCode.NOT_FOUND, f"relay_status: no member {msg.target!r}")
+    ans = await peers.call(msg.target, "teleport.status",
+                           wire.StatusQuery(msg.sid, on_behalf=caller).to_wire(),
+                           timeout=RELAY_TIMEOUT)
+    return {"status": str(wire.status_from_wire(ans))}
 
 
 plugin = Plugin("migration", requires=("lifecycle", "network", "peers"), router=router,

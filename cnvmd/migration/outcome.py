@@ -82,12 +82,16 @@ async def settle(link: Any, sid: str, *, first: TargetStatus | None, confirm_sen
                  lease_end: float, target_down: Callable[[], bool],
                  before_confirm: Callable[[], Awaitable[None]],
                  lose_confirm_reply: bool = False, pause: float = 1.0,
-                 answers: list[dict[str, Any]] | None = None) -> Verdict:
+                 answers: list[dict[str, Any]] | None = None,
+                 relay: Callable[[], Awaitable[TargetStatus | None]] | None = None) -> Verdict:
     """Drive `decide` until a verdict. `lease_end` is wall-clock time;
     `before_confirm` journals that a confirm may be sent (a restarted source must
     then not resume on silence); confirm answers are appended to `answers`. Never
     gives up on its own: the cnvm stays frozen here until the target answers (or,
-    before any confirm, is down past the lease)."""
+    before any confirm, is down past the lease). When the target does not answer
+    a status question, `relay` asks it through another member that still reaches
+    it (None: nobody could): its answer is the target's own, so it decides the same
+    way (an asymmetric partition then ends at the fence deadline, not never)."""
     status = first
     n = 0
     while True:
@@ -118,8 +122,15 @@ async def settle(link: Any, sid: str, *, first: TargetStatus | None, confirm_sen
                 if n:
                     await asyncio.sleep(pause if n > 1 else 0.2)
                 n += 1
-                status = wire.status_from_wire(await link.call(
-                    "teleport.status", wire.SessionRef(sid).to_wire(), timeout=3))
+                try:
+                    status = wire.status_from_wire(await link.call(
+                        "teleport.status", wire.StatusQuery(sid).to_wire(), timeout=3))
+                except ProtoError:
+                    status = await relay() if relay is not None else None
+                    if status is None:
+                        raise
+                    log.info("teleport %s: the target answered through another member: %s",
+                             sid, status)
         except ProtoError as exc:
             if n % 10 == 1:
                 log.warning("teleport %s: outcome unknown, the cnvm stays frozen here "

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 from cnvmd import netlink
 from cnvmd.migration import journal, netmove, outcome, wire
 from cnvmd.migration import link as links
-from cnvmd.migration.source import Effect, Phase, SourceUndo, kill_session_procs, target_down
+from cnvmd.migration.source import (
+    Effect,
+    Phase,
+    SourceUndo,
+    kill_session_procs,
+    relay_status,
+    target_down,
+)
 from cnvmd.migration.target import TargetUndo, kill_criu_helpers
 from cnvmd.migration.undo import UndoStack
 from cnvmd.runtime import Runc, _umount_under
@@ -93,7 +100,8 @@ async def _settle(engine: Teleports, d: Path, j: journal.SourceJournal, u: Sourc
 
     verdict = await outcome.settle(
         link, j.sid, first=None, confirm_sent=confirm_sent, lease_end=j.restore_sent + j.lease,
-        target_down=lambda: target_down(engine.daemon, j.target), before_confirm=before_confirm)
+        target_down=lambda: target_down(engine.daemon, j.target), before_confirm=before_confirm,
+        relay=lambda: relay_status(engine.daemon, j.target, j.sid))
     log.warning("teleport %s of %s settled after the restart: it runs on %s", j.sid, j.name,
                 j.target if verdict is outcome.Verdict.TARGET else "this node")
     if verdict is outcome.Verdict.TARGET:

@@ -663,7 +663,8 @@ class Teleport:
             lease_end=self.j.restore_sent + self.opts.lease,
             target_down=lambda: target_down(self.daemon, self.target),
             before_confirm=lambda: self.enter(Phase.CONFIRM),
-            lose_confirm_reply=self.opts.fail_at == "confirm_reply_lost", answers=answers)
+            lose_confirm_reply=self.opts.fail_at == "confirm_reply_lost", answers=answers,
+            relay=lambda: relay_status(self.daemon, self.target, self.sid))
         self.timeline("source", "confirm (round trip)", t)
         if answers and self._t_freeze is not None:
             self.report.timeline += _target_steps(answers[-1].get("timeline"),
@@ -1030,6 +1031,27 @@ class Teleport:
     def _pages_msg(self) -> wire.Pages:
         """The final dump's page server: parented on the last pre-dump, if any."""
         return wire.Pages(self.sid, None, self._last_round)
+
+async def relay_status(daemon: Any, target: str, sid: str) -> wire.TargetStatus | None:
+    """Ask `target` where session `sid` stands through the other members (one at a
+    time, the first answer wins); None if none of them reaches it."""
+    svc = daemon.services.get(PEERS)
+    if svc is None:
+        return None
+    try:
+        others = [n["name"] for n in svc.nodes()
+                  if n["name"] not in (svc.name, target) and n.get("state") != "down"]
+    except Exception:
+        return None
+    for node in others:
+        try:
+            ans = await svc.call(node, "teleport.relay_status",
+                                 wire.RelayStatus(sid, target).to_wire(), timeout=5)
+            return wire.status_from_wire(ans)
+        except ProtoError:
+            continue
+    return None
+
 
 def target_down(daemon: Any, node: str) -> bool:
     """Membership calls `node` down (no heartbeat for its down_after)."""

@@ -457,6 +457,53 @@ class SessionRef:
 
 
 @dataclass(frozen=True)
+class StatusQuery:
+    """``teleport.status``: where session `sid` stands. `on_behalf` is set only by a
+    member relaying the source's question (``teleport.relay_status``) when the source
+    cannot reach the target itself: it names the source, as that member's peer
+    connection authenticated it (never taken from the source's own message)."""
+
+    sid: str
+    on_behalf: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": TELEPORT_PROTOCOL, "sid": self.sid}
+        if self.on_behalf is not None:
+            d["on_behalf"] = self.on_behalf
+        return d
+
+    @classmethod
+    def from_wire(cls, raw: Any, what: str = "status") -> StatusQuery:
+        r = Reader(raw, what)
+        _version(r)
+        msg = cls(sid=r.str("sid", SID_RE, max_len=21),
+                  on_behalf=r.str("on_behalf", NODE_RE, max_len=63, required=False))
+        r.done()
+        return msg
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """``teleport.relay_status`` (source -> any member): ask `target` where session
+    `sid` stands, for a source that cannot reach it (an asymmetric partition)."""
+
+    sid: str
+    target: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": TELEPORT_PROTOCOL, "sid": self.sid, "target": self.target}
+
+    @classmethod
+    def from_wire(cls, raw: Any, what: str = "relay_status") -> RelayStatus:
+        r = Reader(raw, what)
+        _version(r)
+        msg = cls(sid=r.str("sid", SID_RE, max_len=21),
+                  target=r.str("target", NODE_RE, max_len=63))
+        r.done()
+        return msg
+
+
+@dataclass(frozen=True)
 class Pages:
     """Start a page server for pre-dump round `round` (None: the final dump), whose
     images build on pre-dump round `parent` (None: no parent)."""

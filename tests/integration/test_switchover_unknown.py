@@ -121,7 +121,12 @@ async def cut(tl: TeleLab, a: str, b: str, on: bool) -> None:
 
 
 def fenced(node: str) -> bool:
-    d = labpaths.node_state_dir(LAB, node) / "teleport" / "in"
+    return fenced_in(LAB, node)
+
+
+def fenced_in(lab: str, node: str) -> bool:
+    """A fenced copy sits on `node` of lab `lab` (its session journal says so)."""
+    d = labpaths.node_state_dir(lab, node) / "teleport" / "in"
     for j in d.glob("*/session.json") if d.exists() else ():
         try:
             if '"phase": "fenced"' in j.read_text():

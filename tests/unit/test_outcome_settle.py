@@ -77,3 +77,44 @@ async def test_silence_resumes_only_without_confirm_and_when_down_past_the_lease
                {"down": True, "lease_over": True, "confirm_sent": True}):
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(settle(Link(), **kw), 0.3)
+
+
+async def test_a_target_cut_off_from_the_source_answers_through_another_member():
+    """An asymmetric partition: the target never answers directly, but a member that
+    reaches it relays its status: "fenced" makes the source confirm (which cannot
+    arrive), then the fence deadline makes it "unknown" and the source resumes —
+    although membership never calls the target down."""
+    link = Link(status=[None], confirm=[None])
+    relayed = ["fenced", "fenced", "unknown"]
+    asked: list[str] = []
+
+    async def relay() -> TS | None:
+        asked.append("relay")
+        return TS(relayed.pop(0)) if len(relayed) > 1 else TS(relayed[0])
+
+    journaled: list[str] = []
+
+    async def before() -> None:
+        journaled.append("confirm")
+
+    v = await outcome.settle(link, SID, first=None, confirm_sent=False,
+                             lease_end=time.time() + 60, target_down=lambda: False,
+                             before_confirm=before, pause=0.01, relay=relay)
+    assert v is outcome.Verdict.SOURCE and journaled == ["confirm"]
+    assert "confirm" in link.calls and len(asked) == 3
+
+
+async def test_no_relay_answer_keeps_asking_the_target():
+    link = Link(status=[None, None, "restored"])
+
+    async def relay() -> TS | None:
+        return None
+
+    v = await outcome.settle(link, SID, first=None, confirm_sent=False,
+                             lease_end=time.time() + 60, target_down=lambda: False,
+                             before_confirm=_nothing, pause=0.01, relay=relay)
+    assert v is outcome.Verdict.TARGET and link.calls == ["status"] * 3
+
+
+async def _nothing() -> None:
+    return None

@@ -192,3 +192,24 @@ def test_journal_is_versioned(tmp_path):
 
     with pytest.raises(JournalError, match="schema 99"):
         load_source(tmp_path)
+
+
+def test_status_questions_and_relays_are_validated():
+    v = wire.TELEPORT_PROTOCOL
+    assert wire.StatusQuery.from_wire({"v": v, "sid": SID}) == wire.StatusQuery(SID)
+    q = wire.StatusQuery(SID, on_behalf="node1")
+    assert wire.StatusQuery.from_wire(q.to_wire()) == q
+    r = wire.RelayStatus(SID, "node2")
+    assert wire.RelayStatus.from_wire(r.to_wire()) == r
+    for bad in ({"v": v, "sid": SID, "on_behalf": "../etc"},
+                {"v": v, "sid": SID, "on_behalf": "n" * 64},
+                {"v": v, "sid": "/var/lib/cnvm"},
+                {"v": v, "sid": SID, "extra": 1}):
+        with pytest.raises(ProtoError) as e:
+            wire.StatusQuery.from_wire(bad)
+        assert e.value.code is ErrorCode.INVALID_ARGUMENT
+    for bad in ({"v": v, "sid": SID}, {"v": v, "sid": SID, "target": "a/b"},
+                {"v": v, "sid": SID, "target": ["node2"]}):
+        with pytest.raises(ProtoError) as e:
+            wire.RelayStatus.from_wire(bad)
+        assert e.value.code is ErrorCode.INVALID_ARGUMENT

@@ -56,7 +56,11 @@ CRIU_DEBS = ["criu", "libcompel1", "libnet9", "libnl-3-200", "libc6"]
 INITRD_MODULES = ["virtio_blk", "virtio_net", "ext4", "crc32c_generic", "crc32c_intel"]
 # trixie's python3-pyroute2 is 0.7.7; the project needs >= 0.9.2. The (pure-Python)
 # wheel is fetched on the host once and installed into the guest venv at build time.
-WHEELS = ["pyroute2>=0.9.2", "dnslib>=0.9.20", "prometheus_client>=0.17"]
+WHEELS = ["pyroute2>=0.9.2", "dnslib>=0.9.20", "prometheus_client>=0.17",
+          # the docs extra: scripts/install-host makes completion and man pages with them
+          "shtab>=1.7"]
+# Published as source only: built into a (pure-Python) wheel on the host.
+WHEELS_BUILT = ["argparse-manpage>=4.5"]
 
 # Runs at boot inside every guest: per-guest settings come from the kernel command
 # line (one image, N guests). NICs are found by MAC: 52:54:00:77:00:xx is the
@@ -154,7 +158,8 @@ def recipe(pubkey: str) -> dict:
     """Everything that shapes the image; its hash is the cache key."""
     return {
         "version": RECIPE_VERSION, "suite": SUITE, "variant": "minbase",
-        "packages": sorted(PACKAGES), "apt_extra": sorted(APT_EXTRA), "wheels": WHEELS,
+        "packages": sorted(PACKAGES), "apt_extra": sorted(APT_EXTRA),
+        "wheels": WHEELS + WHEELS_BUILT,
         "size": IMAGE_SIZE, "criu_suite": CRIU_SUITE, "criu_debs": CRIU_DEBS,
         "initrd_modules": INITRD_MODULES,
         "files": {"lv-net": GUEST_NET, "lv-net.service": GUEST_NET_UNIT,
@@ -203,6 +208,8 @@ def _fetch_wheels(dest: Path, logf) -> list[Path]:
     _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
           "--no-deps", "--only-binary=:all:", "--python-version", "3.13",
           "-d", str(dest), *WHEELS], logf)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+          "--no-deps", "-w", str(dest), *WHEELS_BUILT], logf)
     return sorted(dest.glob("*.whl"))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import os
 import shlex
@@ -84,6 +85,7 @@ class VMLab:
     net: str = DEFAULT_NET
     link: str = "auto"  # "auto": direct for 2 guests, hub for more; or "hub"
     boot_timeout: float = 300.0
+    resettable: bool = False  # keep QEMU alive across a guest reset (see reset())
     image: imagemod.Image | None = None
     workdir: Path | None = None
     guests: list[Guest] = field(default_factory=list)
@@ -254,6 +256,70 @@ class VMLab:
 
         return {self.guests[i].name: s for i, s in enumerate(self.each(one))}
 
+    def install_operator(self, config: dict[int, str], src: Path = REPO) -> dict[str, float]:
+        """Install cnvm in every guest the way an operator does on a host: the checkout
+        at /opt/cnvm/src with its ``.venv`` (the image's venv, which already has the
+        dependencies: the guests have no network for ``scripts/install-deps``), the
+        project installed into it as install-deps does (``pip install -e``, offline),
+        the operator's /etc/cnvm/cnvmd.toml (``config[i]``), then the project's own
+        ``scripts/install-host --start``: the shipped systemd unit (Type=notify),
+        enabled, started; ``systemctl start`` returns once cnvmd said READY=1."""
+        blob = _tree_tar(src)
+        check = _DEPS_CHECK.replace("@DEPS@", repr(
+            tomllib.loads((src / "pyproject.toml").read_text())["project"]
+            .get("dependencies", [])))
+
+        def one(i: int) -> float:
+            t = time.monotonic()
+            self.ssh(i, f"rm -rf {GUEST_SRC} && mkdir -p {GUEST_SRC} && "
+                        f"tar -xzf - -C {GUEST_SRC} --no-same-owner && "
+                        f"ln -sfn {GUEST_VENV} {GUEST_SRC}/.venv", input=blob, timeout=900)
+            self.ssh(i, f"{GUEST_VENV}/bin/python -", input=check, timeout=300)
+            self.ssh(i, f"{GUEST_VENV}/bin/pip install -q --no-index --no-build-isolation "
+                        f"--no-deps --disable-pip-version-check -e {GUEST_SRC}", timeout=900)
+            # Byte-compile once now: a cold import of the daemon costs ~1 min of TCG.
+            self.ssh(i, f"{GUEST_VENV}/bin/python -m compileall -q {GUEST_SRC}", timeout=600)
+            self.ssh(i, "mkdir -p /etc/cnvm && cat > /etc/cnvm/cnvmd.toml",
+                     input=config[i], timeout=60)
+            self.ssh(i, f"{GUEST_SRC}/scripts/install-host --start", timeout=900)
+            return round(time.monotonic() - t, 1)
+
+        return {self.guests[i].name: s for i, s in enumerate(self.each(one))}
+
+    def reset(self, i: int) -> None:
+        """Hard-reset guest i (QMP ``system_reset``: no shutdown, no sync; what is not
+        on the virtual disk yet is lost) and forget its ssh master connection. Needs a
+        ``resettable`` lab. Returns at once; ``wait_ssh(i)`` waits for the new boot."""
+        if not self.resettable:
+            raise VMLabError("reset() needs VMLab(resettable=True) (QEMU without -no-reboot)")
+        g = self.guests[i]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self._qmp_path(g)))
+            f = s.makefile("rwb")
+            f.readline()  # greeting
+            for cmd in ({"execute": "qmp_capabilities"}, {"execute": "system_reset"}):
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                while True:
+                    ans = json.loads(f.readline())
+                    if "return" in ans or "error" in ans:
+                        break
+                if "error" in ans:
+                    raise VMLabError(f"{g.name}: QMP {cmd['execute']}: {ans['error']}")
+        log.info("%s: system_reset", g.name)
+        subprocess.run([*self._ssh_base(g), "-O", "exit", "root@127.0.0.1"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=10, check=False)
+        assert self.workdir is not None
+        (self.workdir / f"cm-{g.name}").unlink(missing_ok=True)
+
+    def wait_ssh(self, i: int, timeout: float | None = None) -> float:
+        """Wait until guest i answers ssh again (after a reset); seconds waited."""
+        t0 = time.monotonic()
+        self._wait_ssh(t0, [self.guests[i]], timeout)
+        return round(time.monotonic() - t0, 1)
+
     def has_daemon(self) -> bool:
         """Whether the installed tree has the daemon entry point yet."""
         r = self.ssh(0, f"test -f {GUEST_SRC}/cnvmd/__main__.py", check=False)
@@ -348,7 +414,10 @@ class VMLab:
         cmd = [
             QEMU, "-name", f"lv-vmlab-{g.name}", "-accel", "tcg,thread=multi", "-cpu", "max",
             "-smp", "1", "-m", str(self.mem_mib), "-nodefaults", "-no-user-config",
-            "-display", "none", "-monitor", "none", "-no-reboot",
+            "-display", "none", "-monitor", "none",
+            "-qmp", f"unix:{self._qmp_path(g)},server=on,wait=off",
+            # -no-reboot turns every reset, QMP's system_reset included, into an exit
+            *([] if self.resettable else ["-no-reboot"]),
             "-serial", f"file:{g.console}",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
             "-append", append,
@@ -379,14 +448,19 @@ class VMLab:
     def _ssh_base(self, g: Guest) -> list[str]:
         return ["ssh", *self._ssh_opts(g), "-p", str(g.ssh_port)]
 
-    def _wait_ssh(self, t0: float) -> None:
+    def _qmp_path(self, g: Guest) -> Path:
+        assert self.workdir is not None
+        return self.workdir / f"{g.name}.qmp"
+
+    def _wait_ssh(self, t0: float, guests: list[Guest] | None = None,
+                  timeout: float | None = None) -> None:
         """Poll every guest until a multiplexing master connection is up.
 
         The master (``ssh -M -N -f``) makes later commands skip the key exchange,
         which costs about a second on an emulated CPU.
         """
-        pending = list(self.guests)
-        deadline = t0 + self.boot_timeout
+        pending = list(self.guests if guests is None else guests)
+        deadline = t0 + (self.boot_timeout if timeout is None else timeout)
         while pending:
             for g in list(pending):
                 assert g.proc is not None
