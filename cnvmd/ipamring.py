@@ -115,6 +115,18 @@ class Ring:
         self.tokens[a] = Entry(receiver, self.tokens[a].version + 1)
         return a, b
 
+    def reclaim(self, dead: str, taker: str) -> list[int]:
+        """`taker` takes every range of `dead`, a member an operator removed for good
+        (Weave's ``rmpeer``): each token's version goes up, so every view adopts the
+        new owner on merge. Only the node that ran the removal calls this (one
+        decision, not one per node). Returns the tokens taken."""
+        out = []
+        for k, e in sorted(self.tokens.items()):
+            if e.owner == dead:
+                self.tokens[k] = Entry(taker, e.version + 1)
+                out.append(k)
+        return out
+
     # ---- wire / disk
 
     def to_wire(self) -> dict[str, list[Any]]:

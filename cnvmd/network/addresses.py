@@ -21,7 +21,10 @@ its address table; the ring starts empty and is founded by the lowest-named memb
 when a second member is seen (or at the first hand-over request), the addresses
 already in use staying in use (every owner checks the table). Until the founder is
 reachable, a clustered node without a range answers ``unavailable`` (never guesses).
-The ranges of a removed member are not reclaimed yet (they stay unused).
+The ranges of a removed member (``cluster remove``: an operator's word that it is
+gone for good) are taken by the node that ran the removal, in one step; addresses
+its cnvms held stay in the table, so none is handed out again while one might
+still answer on the overlay.
 """
 
 from __future__ import annotations
@@ -203,6 +206,20 @@ class ClusterIpam:
     def _others(self) -> list[str]:
         members = getattr(self.peers, "members", None)
         return list(members()) if members is not None else self.peers.up_peers()
+
+    async def reclaim(self, dead: str) -> list[str]:
+        """Take the ranges of `dead`, just removed from the cluster by this node
+        (cnvmd.peers.enrol.remove); they reach the others by the ring's exchange."""
+        taken = self.ring.reclaim(dead, self.node)
+        if not taken:
+            return []
+        self.accepted.update(taken)
+        await self.save()
+        log.warning("ipam: %s takes the address ranges of removed member %s (%d)",
+                    self.node, dead, len(taken))
+        with contextlib.suppress(Exception):
+            await self.refresh_ring()
+        return [str(ipaddress.IPv4Address(k)) for k in taken]
 
     def _founder(self) -> bool:
         """The lowest-named member founds the ring (cluster init, or an upgrade)."""

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from cnvmd.api import Args, Context, Router, dispatch
-from cnvmd.services import DIRECTORY, PEERS, Plugin
+from cnvmd.services import DIRECTORY, NETWORK, PEERS, Plugin
 
 from .service import PeerService
 from .trust import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
@@ -89,7 +89,11 @@ async def cluster_remove(ctx: Context, args: Args) -> dict[str, Any]:
     """Revoke a member: its key is unpinned everywhere and the cluster secret rotated."""
     node = args.str("node")
     args.reject_unknown()
-    return await _svc(ctx).remove(node)
+    out = await _svc(ctx).remove(node)
+    net = ctx.daemon.services.get(NETWORK)
+    if net is not None:  # its address ranges come to this node (one decision)
+        out["ranges_taken"] = await net.ipam.reclaim(node)
+    return out
 
 
 @router.op("nodes")

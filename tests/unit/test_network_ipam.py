@@ -265,3 +265,31 @@ def test_ring_merge_hand_over_and_hostile_input():
                 {"10.100.101.9": ["n", True]}, {"10.100.101.9": ["n"]}, [1]):
         with pytest.raises(RingError):
             r.parse(bad)
+
+
+async def test_a_removed_members_ranges_go_to_the_node_that_removed_it(tmp_path):
+    """`cluster remove node3` on node1: node1 takes node3's ranges (one decision),
+    node2 learns the new owner by the ring exchange, node3's addresses in use stay
+    in use, and the freed part of its ranges is allocated by node1 again."""
+    cluster, down = make(["node1", "node2", "node3"], tmp_path)
+    for n in ("node2", "node3"):
+        await cluster[n].ensure_range()
+    held = await cluster["node3"].allocate("web3")
+    await cluster["node1"].sync_from("node3")
+    await cluster["node2"].sync_from("node3")
+    n3_ranges = cluster["node1"].ring.owned("node3")
+    assert n3_ranges
+    down.add("node3")
+    taken = await cluster["node1"].reclaim("node3")
+    assert taken and cluster["node1"].ring.owned("node3") == []
+    assert cluster["node2"].ring.owned("node3") == []  # learnt by the exchange
+    assert cluster["node2"].ring.to_wire() == cluster["node1"].ring.to_wire()
+    assert await cluster["node1"].reclaim("node3") == []  # idempotent
+    # node3's cnvm keeps its address; everything else of its ranges is node1's to give
+    lo, hi = n3_ranges[0]
+    got: set[str] = set()
+    with pytest.raises(NetworkError):  # until node1's ranges (its own + node3's) run out
+        for i in range(300):
+            got.add(await cluster["node1"].allocate(f"n1-{i}"))
+    assert held not in got
+    assert any(lo <= int(ipaddress.IPv4Address(ip)) < hi for ip in got)
