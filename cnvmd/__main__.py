@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnvmd import daemon
 
     daemon.setup_logging(cfg.log_level, cfg.node_name)
+    daemon.take_notify_socket()  # before any child: runc must not see it
     try:
         return uvloop.run(daemon.amain(cfg))
     except Exception:

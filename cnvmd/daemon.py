@@ -95,13 +95,33 @@ def setup_logging(level: str, node: str) -> None:
 # --------------------------------------------------------------------------- sd_notify
 
 
+_NOTIFY_SOCKET: str | None = None
+
+
+def take_notify_socket() -> None:
+    """Move $NOTIFY_SOCKET out of the environment, keeping it for `sd_notify`.
+
+    Why: every child inherits the environment, and `runc run -d` that sees
+    NOTIFY_SOCKET proxies sd_notify for the container and does not return until the
+    *container* says READY=1 (runc's notify_socket.go), which a cnvm never does: under
+    the shipped unit (Type=notify) every deploy hung until its timeout, with the
+    cnvm running (found by the VM lane). libsystemd's sd_notify(unset_environment=1)
+    exists for the same reason. Called once at start, before any child is spawned.
+    """
+    global _NOTIFY_SOCKET
+    addr = os.environ.pop("NOTIFY_SOCKET", None)
+    if addr:
+        _NOTIFY_SOCKET = addr
+
+
 def sd_notify(state: str) -> bool:
     """Send a notification to systemd (Type=notify) without libsystemd.
 
-    $NOTIFY_SOCKET is a datagram socket path, or an abstract one when it starts with
-    '@'. Returns False when not under systemd or on error (never fatal).
+    $NOTIFY_SOCKET (taken at start by `take_notify_socket`) is a datagram socket path,
+    or an abstract one when it starts with '@'. Returns False when not under systemd
+    or on error (never fatal).
     """
-    addr = os.environ.get("NOTIFY_SOCKET")
+    addr = _NOTIFY_SOCKET or os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):

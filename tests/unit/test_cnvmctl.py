@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,27 @@ def test_sd_notify_abstract_and_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert s.recv(100) == b"READY=1\nSTATUS=x"
         finally:
             s.close()
+
+
+def test_children_never_see_the_notify_socket(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runc run -d` that inherits NOTIFY_SOCKET waits for the container's READY=1
+    (forever, for a cnvm): the daemon takes it out of its environment at start and
+    still notifies systemd."""
+    addr = str(tmp_path / "n.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(addr)
+    monkeypatch.setenv("NOTIFY_SOCKET", addr)
+    monkeypatch.setattr(daemon_mod, "_NOTIFY_SOCKET", None)
+    try:
+        daemon_mod.take_notify_socket()
+        assert "NOTIFY_SOCKET" not in os.environ
+        env = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+        assert "NOTIFY_SOCKET" not in env
+        assert daemon_mod.sd_notify("READY=1") is True
+        assert s.recv(100) == b"READY=1"
+    finally:
+        s.close()
 
 
 def test_logfmt_formatter() -> None:

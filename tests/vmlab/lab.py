@@ -274,9 +274,9 @@ class VMLab:
             self.ssh(i, f"rm -rf {GUEST_SRC} && mkdir -p {GUEST_SRC} && "
                         f"tar -xzf - -C {GUEST_SRC} --no-same-owner && "
                         f"ln -sfn {GUEST_VENV} {GUEST_SRC}/.venv", input=blob, timeout=900)
-            self.ssh(i, f"{GUEST_VENV}/bin/python -", input=check, timeout=300)
             self.ssh(i, f"{GUEST_VENV}/bin/pip install -q --no-index --no-build-isolation "
                         f"--no-deps --disable-pip-version-check -e {GUEST_SRC}", timeout=900)
+            self.ssh(i, f"{GUEST_VENV}/bin/python -", input=check, timeout=300)
             # Byte-compile once now: a cold import of the daemon costs ~1 min of TCG.
             self.ssh(i, f"{GUEST_VENV}/bin/python -m compileall -q {GUEST_SRC}", timeout=600)
             self.ssh(i, "mkdir -p /etc/cnvm && cat > /etc/cnvm/cnvmd.toml",
