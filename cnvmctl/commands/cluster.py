@@ -40,11 +40,19 @@ async def cluster_token(ctx: Ctx, a: argparse.Namespace) -> None:
 
 @command("cluster remove", help="revoke a node's membership",
          description="Unpin the node's key on every member, close its connections and rotate "
-                     "the cluster\nsecret (tokens minted before stop working).",
+                     "the cluster\nsecret (tokens minted before stop working). Only for a node "
+                     "gone for good:\nthis member takes over its address ranges (addresses "
+                     "its cnvms held stay in use).",
          args=[arg("node", help="node name")])
 async def cluster_remove(ctx: Ctx, a: argparse.Namespace) -> None:
     res = await ctx.call("cluster.remove", {"node": a.node})
-    ctx.output(res, lambda r: print(f"removed {r['removed']}"))
+
+    def human(r: dict) -> None:
+        taken = r.get("ranges_taken") or []
+        print(f"removed {r['removed']}" + (f"; its {len(taken)} address range(s) now belong "
+                                           "to this node" if taken else ""))
+
+    ctx.output(res, human)
 
 
 @command("join", help="join the cluster of a member node",

@@ -241,8 +241,12 @@ def served(cluster: VMLab) -> Iterator[tuple[VMLab, Client, str]]:
     """The cnvm on lv1 with its file written, and the client connected from lv3
     (neither end of any teleport: a reset of lv1 or lv2 leaves the client alive)."""
     lab = cluster
-    lab.cnvmctl(0, f"deploy {NAME} --image busybox --memory 256M -- sh -c "
-                   f"{shlex.quote(SERVICE)}")
+    try:
+        lab.cnvmctl(0, f"deploy {NAME} --image busybox --memory 256M -- sh -c "
+                       f"{shlex.quote(SERVICE)}", timeout=600)
+    except BaseException:
+        _journals(lab)
+        raise
     ip = _json(lab.cnvmctl(0, f"--json inspect {NAME}"))["ip"]
     lab.cnvmctl(0, f"exec {NAME} -- sh -c 'echo kept > /data.txt'")
     # The client: a process on lv3, on lv3's overlay address (cnvm0) — no netns needed.
