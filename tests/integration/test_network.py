@@ -448,12 +448,16 @@ async def test_daemons_fdb_follows_membership_and_ipam_race(lab_factory):
         for n in lab.node_names:
             assert (await call(n, "net.ipam"))["in_use"].get(rel["ip"]) is None
 
-        # a removed member leaves every flood list
-        await call("node1", "cluster.remove", {"node": "node3"})
+        # a removed member leaves every flood list, and its address ranges go to node1
+        had = [r for r in (await call("node1", "net.ipam"))["ranges"] if r["owner"] == "node3"]
+        res = await call("node1", "cluster.remove", {"node": "node3"})
+        assert len(res["ranges_taken"]) == len(had), (res, had)
 
         async def node3_gone() -> None:
             for n in ("node1", "node2"):
                 assert ul["node3"] not in await peers_of(n)
+                owners = {r["owner"] for r in (await call(n, "net.ipam"))["ranges"]}
+                assert "node3" not in owners, owners
 
         await eventually(node3_gone, timeout=15)
         assert await overlay_addrs_in_root() == []
