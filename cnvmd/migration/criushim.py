@@ -122,7 +122,8 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
     `criu` itself, or wrappers: the prlimit shim where CAP_SYS_RESOURCE is missing;
     for the lazy-pages daemon also the kdat cache where /run is no tmpfs; with `nft`
     installed, a config that makes dumps lock the network with nftables (see
-    NFT_CONFIG)."""
+    NFT_CONFIG). With a C compiler the wrappers are compiled (swrk_shim.c: for runc
+    with the swrk cache; the lazy-pages daemon's with its private /run)."""
     preload = await _build_shim(state_dir) if not has_sys_resource() else None
     kdat = None
     run_fs, shm_fs = await asyncio.to_thread(lambda: (_fstype("/run"),
@@ -151,6 +152,10 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
             main = str(shim)
         lazy = main if kdat is None else await asyncio.to_thread(
             write, "criu-lazy", wrapper_text(criu, preload, kdat, conf))
+        shim_lazy = None if kdat is None else await _build_swrk_shim(
+            d, criu, preload, conf, name="criu-lazy-bin", private_run=kdat)
+        if shim_lazy is not None:  # the same in one program (no unshare, sh, mount)
+            lazy = str(shim_lazy)
     except OSError as exc:
         log.warning("cannot write the CRIU wrappers (%s): using plain CRIU", exc)
         return criu, criu
@@ -239,10 +244,12 @@ def _c_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-async def _build_swrk_shim(d: Path, criu: str, preload: Path | None,
-                           conf: Path | None) -> Path | None:
-    """Compile swrk_shim.c into d/criu-swrk for this CRIU command, environment and cache
-    dir (again only when one of them or the source changed); None without a compiler."""
+async def _build_swrk_shim(d: Path, criu: str, preload: Path | None, conf: Path | None,
+                           *, name: str = "criu-swrk",
+                           private_run: Path | None = None) -> Path | None:
+    """Compile swrk_shim.c into d/NAME for this CRIU command, environment and cache dir
+    (again only when one of them or the source changed); with `private_run`, the
+    lazy-pages daemon's wrapper (see wrapper_text's kdat_dir). None without a compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None or not SWRK_SRC.exists():
         return None
@@ -257,7 +264,9 @@ async def _build_swrk_shim(d: Path, criu: str, preload: Path | None,
         defs.append(f"-DCONFIG_FILE={_c_str(str(conf))}")
     if preload is not None:
         defs.append(f"-DPRELOAD={_c_str(str(preload))}")
-    out, stamp = d / "criu-swrk", d / "criu-swrk.stamp"
+    if private_run is not None:
+        defs.append(f"-DPRIVATE_RUN={_c_str(str(private_run))}")
+    out, stamp = d / name, d / f"{name}.stamp"
     try:
         src = await asyncio.to_thread(SWRK_SRC.read_bytes)
         key = hashlib.sha256(src + "\0".join(defs).encode()).hexdigest()
@@ -267,7 +276,7 @@ async def _build_swrk_shim(d: Path, criu: str, preload: Path | None,
         if await asyncio.to_thread(fresh):
             return out
         await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True)
-        tmp = d / f".criu-swrk.{os.getpid()}"
+        tmp = d / f".{name}.{os.getpid()}"
         base = [cc, "-O2", "-o", str(tmp), *defs, str(SWRK_SRC)]
         try:  # static: no loader and libc to map at each of runc's CRIU starts
             await proc.run([*base[:2], "-static", *base[2:]], timeout=60)

@@ -5,6 +5,7 @@ every other command, reaches the real CRIU with the wrapper's environment."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -155,3 +156,21 @@ def test_a_bundle_entry_point_is_run_by_its_loader_line(tmp_path: Path) -> None:
     out = subprocess.run([str(built), "check", "a b"], capture_output=True, text=True,
                          check=True, timeout=30).stdout
     assert out.strip() == f"--library-path /a:/b {real} check a b"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
+def test_the_lazy_wrapper_runs_criu_with_a_private_run(tmp_path: Path) -> None:
+    """The lazy-pages daemon's wrapper: CRIU sees `private_run` as /run (its kdat cache
+    persists there); the host's /run is untouched."""
+    fake = tmp_path / "criu"
+    fake.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                    "print(os.stat('/run').st_ino == os.stat(sys.argv[1]).st_ino)\n")
+    fake.chmod(0o755)
+    private = tmp_path / "run"
+    built = asyncio.run(criushim._build_swrk_shim(tmp_path / "teleport", str(fake), None,
+                                                  None, name="lazy", private_run=private))
+    assert built is not None and built.name == "lazy"
+    out = subprocess.run([str(built), str(private)], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    assert out.strip() == "True"
+    assert not os.path.samefile("/run", private)
