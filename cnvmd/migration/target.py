@@ -516,10 +516,10 @@ class TargetSide:
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             sock = lazy_dir / "lazy-pages.socket"
-            for _ in range(500):
+            for _ in range(2500):  # 1 ms steps: the restore waits for this (frozen window)
                 if await asyncio.to_thread(sock.exists) or s.lazy.returncode is not None:
                     break
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.001)
             if s.lazy.returncode is not None:
                 raise _err(ErrorCode.FAILED, f"{self.node}: criu lazy-pages exited: "
                            + _tail(lazy_dir / "lazy-pages.log"))
