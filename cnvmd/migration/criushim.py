@@ -22,20 +22,40 @@ cache once in the private /run (this boot's, on /dev/shm) and copies it to the
 host's /run/criu.kdat, which every CRIU run under runc then loads (~35 ms less per
 run, on each side of a teleport). A reboot empties /dev/shm and the next start makes
 it anew, so a cache from another kernel is never copied.
+
+A third, for runc: `swrk_shim.c`, a small static program given to runc as its CRIU.
+runc 1.1 starts a whole `criu swrk` to ask CRIU's version on every checkpoint and
+restore, and another for a feature check on a lazy checkpoint (5-8 ms each here, in
+the frozen window). The shim answers those two from the answers the real CRIU gave
+once at daemon start (`make_swrk_cache`) and execs the real CRIU, with the wrapper's
+environment, for everything else. Built when a C compiler is present; else the shell
+wrapper is used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 from cnvmd import proc
 
 log = logging.getLogger("cnvmd.teleport")
 SRC = Path(__file__).with_name("prlimit_shim.c")
+SWRK_SRC = Path(__file__).with_name("swrk_shim.c")
+# The requests whose answers the swrk shim replays (name in the cache dir, request): runc
+# 1.1's VERSION (type 10), its FEATURE_CHECK (type 9) for lazy pages (`features` =
+# lazy_pages: true, as Go's protobuf encodes it) and for memory tracking (pre-dump).
+# A FEATURE_CHECK carries options; CRIU needs the field, empty is fine.
+SWRK_REQUESTS = (("version", b"\x08\x0a"),
+                 ("feature-1001", b"\x08\x09\x12\x00\x2a\x02\x10\x01"),
+                 ("feature-0801", b"\x08\x09\x12\x00\x2a\x02\x08\x01"))
 CAP_SYS_RESOURCE = 24
 
 
@@ -102,7 +122,8 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
     `criu` itself, or wrappers: the prlimit shim where CAP_SYS_RESOURCE is missing;
     for the lazy-pages daemon also the kdat cache where /run is no tmpfs; with `nft`
     installed, a config that makes dumps lock the network with nftables (see
-    NFT_CONFIG)."""
+    NFT_CONFIG). With a C compiler the wrappers are compiled (swrk_shim.c: for runc
+    with the swrk cache; the lazy-pages daemon's with its private /run)."""
     preload = await _build_shim(state_dir) if not has_sys_resource() else None
     kdat = None
     run_fs, shm_fs = await asyncio.to_thread(lambda: (_fstype("/run"),
@@ -126,8 +147,15 @@ async def criu_for_teleport(criu: str, state_dir: Path) -> tuple[str, str]:
             conf = d / "criu.conf"
         main = criu if preload is None and conf is None else await asyncio.to_thread(
             write, "criu", wrapper_text(criu, preload, None, conf))
+        shim = await _build_swrk_shim(d, criu, preload, conf)
+        if shim is not None and await make_swrk_cache(shim, d / "swrk-cache"):
+            main = str(shim)
         lazy = main if kdat is None else await asyncio.to_thread(
             write, "criu-lazy", wrapper_text(criu, preload, kdat, conf))
+        shim_lazy = None if kdat is None else await _build_swrk_shim(
+            d, criu, preload, conf, name="criu-lazy-bin", private_run=kdat)
+        if shim_lazy is not None:  # the same in one program (no unshare, sh, mount)
+            lazy = str(shim_lazy)
     except OSError as exc:
         log.warning("cannot write the CRIU wrappers (%s): using plain CRIU", exc)
         return criu, criu
@@ -186,3 +214,139 @@ async def _build_shim(state_dir: Path) -> Path | None:
         log.warning("cannot build the CRIU prlimit shim (%s): using plain CRIU", exc)
         return None
     return so
+
+
+# The entry point of a private CRIU bundle, as scripts/install-deps writes it.
+_BUNDLE_EXEC = re.compile(
+    r'exec "(?P<ld>/[^"$`\\]+)" --library-path "(?P<lp>[^"$`\\]+)" "(?P<bin>/[^"$`\\]+)" "\$@"')
+
+
+def criu_argv(criu: str) -> list[str]:
+    """The command that runs `criu`: for the bundle's shell entry point (install-deps),
+    its loader line itself (one shell less at each CRIU start); else `criu`."""
+    try:
+        with open(criu, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return [criu]
+    if not head.startswith(b"#!/bin/sh\n"):
+        return [criu]
+    lines = [ln for ln in head.decode(errors="replace").splitlines()[1:]
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    m = _BUNDLE_EXEC.fullmatch(lines[0].strip()) if len(lines) == 1 else None
+    if m is None or not all(os.path.isfile(m[k]) for k in ("ld", "bin")):
+        return [criu]
+    return [m["ld"], "--library-path", m["lp"], m["bin"]]
+
+
+def _c_str(s: str) -> str:
+    """A C string literal for a path (compile-time define)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def _build_swrk_shim(d: Path, criu: str, preload: Path | None, conf: Path | None,
+                           *, name: str = "criu-swrk",
+                           private_run: Path | None = None) -> Path | None:
+    """Compile swrk_shim.c into d/NAME for this CRIU command, environment and cache dir
+    (again only when one of them or the source changed); with `private_run`, the
+    lazy-pages daemon's wrapper (see wrapper_text's kdat_dir). None without a compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not SWRK_SRC.exists():
+        return None
+    criu_path = criu if os.path.isabs(criu) else shutil.which(criu)
+    if criu_path is None:
+        return None
+    cmd = await asyncio.to_thread(criu_argv, criu_path)
+    defs = [f"-DCRIU_CMD={_c_str(cmd[0])}", f"-DCACHE_DIR={_c_str(str(d / 'swrk-cache'))}"]
+    if len(cmd) > 1:
+        defs.append("-DCRIU_PRE=" + ",".join(_c_str(a) for a in cmd[1:]))
+    if conf is not None:
+        defs.append(f"-DCONFIG_FILE={_c_str(str(conf))}")
+    if preload is not None:
+        defs.append(f"-DPRELOAD={_c_str(str(preload))}")
+    if private_run is not None:
+        defs.append(f"-DPRIVATE_RUN={_c_str(str(private_run))}")
+    out, stamp = d / name, d / f"{name}.stamp"
+    try:
+        src = await asyncio.to_thread(SWRK_SRC.read_bytes)
+        key = hashlib.sha256(src + "\0".join(defs).encode()).hexdigest()
+
+        def fresh() -> bool:
+            return out.exists() and stamp.exists() and stamp.read_text() == key
+        if await asyncio.to_thread(fresh):
+            return out
+        await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True)
+        tmp = d / f".{name}.{os.getpid()}"
+        base = [cc, "-O2", "-o", str(tmp), *defs, str(SWRK_SRC)]
+        try:  # static: no loader and libc to map at each of runc's CRIU starts
+            await proc.run([*base[:2], "-static", *base[2:]], timeout=60)
+        except proc.CommandError:
+            await proc.run(base, timeout=60)
+        await asyncio.to_thread(os.replace, tmp, out)
+        await asyncio.to_thread(stamp.write_text, key)
+    except (proc.CommandError, OSError) as exc:
+        log.warning("cannot build the CRIU swrk shim (%s): runc asks CRIU itself", exc)
+        return None
+    return out
+
+
+def _swrk_call(cmd: str, request: bytes, timeout: float) -> bytes | None:
+    """One request to `cmd swrk FD` over a socketpair, as runc sends it; the answer if
+    CRIU says success for the same request type. Blocking (run in a thread)."""
+    import subprocess
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with a, b:
+            p = subprocess.Popen([cmd, "swrk", str(b.fileno())], pass_fds=(b.fileno(),),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            b.close()
+            try:
+                a.settimeout(timeout)
+                a.sendall(request)
+                resp = a.recv(65536)
+            except OSError:
+                resp = b""
+            finally:
+                a.close()
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    except OSError:
+        return None
+    # field 1 (type) must match the request's, field 2 (success) must be true
+    if len(resp) < 4 or resp[:2] != request[:2] or resp[2:4] != b"\x10\x01":
+        return None
+    return resp
+
+
+async def make_swrk_cache(shim: Path, cache: Path) -> bool:
+    """Ask the real CRIU (through the shim, whose cache is emptied first) the requests
+    the shim replays and keep its answers; False if CRIU did not answer its version."""
+    def make() -> bool:
+        cache.mkdir(parents=True, exist_ok=True)
+        for f in cache.iterdir():
+            with contextlib.suppress(OSError):
+                f.unlink()
+        for name, req in SWRK_REQUESTS:
+            resp = _swrk_call(str(shim), req, 30.0)
+            if resp is None:
+                if name == "version":
+                    return False
+                continue
+            tmp = cache / f".{name}.tmp"
+            tmp.write_bytes(resp)
+            os.replace(tmp, cache / name)
+        return True
+
+    try:
+        ok = await asyncio.to_thread(make)
+    except OSError as exc:
+        log.warning("cannot make the CRIU swrk cache (%s): runc asks CRIU itself", exc)
+        return False
+    if not ok:
+        log.warning("CRIU did not answer its version over swrk: runc asks CRIU itself")
+    return ok

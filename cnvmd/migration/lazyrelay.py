@@ -20,6 +20,12 @@ source does not hold ends the connection, so only ranges from the pagemaps are
 prefetched. ``PS_IOV_CLOSE``/``FORCE_CLOSE`` is answered by an int32 status.
 Anything else from the daemon ends the relay (reset on both sides).
 
+The prefetch waits for a gate (`PrefetchRelay.release`): the target opens it once the
+restored cnvm is unfenced and thawed, so that on a small host the prefetch (relay,
+SSH, the source's page server) does not take the CPU the switchover's confirm round
+trip needs. Until then only the daemon's own requests are relayed (faults cannot
+happen before the thaw; its background requests are small).
+
 A process is prefetched only once the daemon has asked for one of its pages and its
 id names a pagemap image (`pagemap-<id>.img`): the id encoding is then the daemon's
 own, never a guess. Memory is bounded: at most `window` bytes in flight and `cache`
@@ -207,8 +213,9 @@ class Prefetcher:
     def __init__(self, upstream: Upstream, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, pagemaps: dict[int, list[tuple[int, int]]],
                  *, chunk_pages: int = CHUNK_PAGES, window: int = WINDOW,
-                 cache: int = CACHE) -> None:
+                 cache: int = CACHE, gate: asyncio.Event | None = None) -> None:
         self.up = upstream
+        self.gate = gate  # prefetch only once set (None: at once)
         self.reader = reader
         self.writer = writer
         self.pagemaps = pagemaps
@@ -284,6 +291,8 @@ class Prefetcher:
 
     async def _fill(self) -> None:
         """Keep the window full, largest-first is not needed: the daemon goes in order."""
+        if self.gate is not None and not self.gate.is_set():
+            return
         for dst_id, todo in self.todo.items():
             while self.inflight + self.chunk_pages * PAGE <= self.window and \
                     self.cache_bytes + self.inflight < self.cache_max:
@@ -371,19 +380,27 @@ class Prefetcher:
                 self.writer.write(data)
             await self.writer.drain()
 
+    async def _open_gate(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+            await self._fill()
+
     async def run(self) -> None:
         """Until the daemon has closed and every answer was written; the source then
         gets our EOF and its page server ends. Any failure resets both sides."""
         up = asyncio.ensure_future(self._read_upstream())
         down = asyncio.ensure_future(self._read_daemon())
         out = asyncio.ensure_future(self._write_daemon())
-        tasks = {up, down, out}
+        tasks = {up, down, out, asyncio.ensure_future(self._open_gate())}
+        gate = next(t for t in tasks if t not in (up, down, out))
         try:
             while not (down.done() and out.done()):
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     if t.exception() is not None:
                         raise t.exception()  # type: ignore[misc]
+                    if t is gate:
+                        continue
                     if t is up and not down.done():
                         raise ProtocolError("the source's page server ended early")
                 tasks -= done
@@ -392,9 +409,9 @@ class Prefetcher:
             self.up.write_eof()
             await asyncio.wait_for(up, 60)
         finally:
-            for t in (up, down, out):
+            for t in (up, down, out, gate):
                 t.cancel()
-            await asyncio.gather(up, down, out, return_exceptions=True)
+            await asyncio.gather(up, down, out, gate, return_exceptions=True)
             for r in self.pending:
                 if not r.done.done():
                     r.done.cancel()
@@ -402,10 +419,12 @@ class Prefetcher:
 
 async def prefetch_splice(upstream: Upstream, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter,
-                          pagemaps: dict[int, list[tuple[int, int]]]) -> Prefetcher:
-    """Relay one lazy-pages connection with prefetch; on failure both sides are reset
-    (the source's page server must not take a failure for "all pages served")."""
-    p = Prefetcher(upstream, reader, writer, pagemaps)
+                          pagemaps: dict[int, list[tuple[int, int]]],
+                          gate: asyncio.Event | None = None) -> Prefetcher:
+    """Relay one lazy-pages connection with prefetch (once `gate` is set, if given); on
+    failure both sides are reset (the source's page server must not take a failure
+    for "all pages served")."""
+    p = Prefetcher(upstream, reader, writer, pagemaps, gate=gate)
     try:
         await p.run()
     except BaseException as exc:
@@ -424,17 +443,24 @@ class PrefetchRelay(TcpRelay):
     a new stream from `opener` with prefetch (peers' TcpRelay with another `_relay`)."""
 
     def __init__(self, opener: Callable[[], Awaitable[PeerStream]], label: str,
-                 images: Path) -> None:
+                 images: Path, *, hold: bool = False) -> None:
         super().__init__(opener, label)
         self.images = images
         self.prefetched = 0
         self.hits = 0
+        self.gate = asyncio.Event()
+        if not hold:
+            self.gate.set()
+
+    def release(self) -> None:
+        """Start prefetching (the cnvm runs: see the module doc)."""
+        self.gate.set()
 
     async def _relay(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> tuple[int, int]:
         t0 = time.monotonic()
         pagemaps = await asyncio.to_thread(read_pagemaps, self.images)
-        p = await prefetch_splice(await self._opener(), reader, writer, pagemaps)
+        p = await prefetch_splice(await self._opener(), reader, writer, pagemaps, self.gate)
         self.prefetched += p.prefetched
         self.hits += p.hits
         dt = time.monotonic() - t0

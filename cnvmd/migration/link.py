@@ -89,19 +89,20 @@ def member_names(svc: Any) -> set[str]:
 CHUNK = 1 << 20
 
 
-async def stream_relay(link: PeerLink, args: dict[str, Any],
-                       images: Path | None = None) -> TcpRelay | PrefetchRelay:
+async def stream_relay(link: PeerLink, args: dict[str, Any], images: Path | None = None,
+                       *, hold: bool = False) -> TcpRelay | PrefetchRelay:
     """A loopback TCP listener; each connection is relayed into a new teleport stream.
 
     Used on a postcopy target: CRIU's lazy-pages daemon connects here, and the
     source's handler connects the stream to its lazy page server. With `images` (the
     session's image dir, holding the pagemaps) the relay prefetches pages in large
-    pipelined requests (see lazyrelay) instead of copying bytes.
+    pipelined requests (see lazyrelay) instead of copying bytes; with `hold`, only
+    after its `release()`.
     """
     relay: TcpRelay | PrefetchRelay
     if images is not None:
         relay = PrefetchRelay(lambda: link.open_stream(args), f"{link.node} (lazy pages)",
-                              images)
+                              images, hold=hold)
     else:
         relay = TcpRelay(lambda: link.open_stream(args), f"{link.node} {args}")
     return await relay.start("127.0.0.1", 0)

@@ -503,8 +503,10 @@ class TargetSide:
         async def lazy_daemon() -> None:
             t = time.monotonic()
             link = links.PeerLink(self.daemon.services.require(PEERS), s.source)
+            # the prefetch holds until the cnvm runs here (released in `confirm`)
             s.relay = await links.stream_relay(
-                link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire(), s.images)
+                link, wire.DataHeader(s.sid, wire.DataKind.PAGES).to_wire(), s.images,
+                hold=True)
             lazy_dir = s.dir / "lazy"
             await asyncio.to_thread(_mkdirs, lazy_dir)
             argv = [self.criu_lazy, "lazy-pages", "--page-server", "--address", "127.0.0.1",
@@ -514,10 +516,10 @@ class TargetSide:
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             sock = lazy_dir / "lazy-pages.socket"
-            for _ in range(500):
+            for _ in range(2500):  # 1 ms steps: the restore waits for this (frozen window)
                 if await asyncio.to_thread(sock.exists) or s.lazy.returncode is not None:
                     break
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.001)
             if s.lazy.returncode is not None:
                 raise _err(ErrorCode.FAILED, f"{self.node}: criu lazy-pages exited: "
                            + _tail(lazy_dir / "lazy-pages.log"))
@@ -597,7 +599,11 @@ class TargetSide:
             await self._journal(s, [])
             log.info("teleport %s: switchover: %s runs here", s.sid, s.name)
         steps: list[dict[str, Any]] = []
-        await self._unfence(s, t0, steps)
+        try:
+            await self._unfence(s, t0, steps)
+        finally:  # the cnvm runs: prefetch its pages now (held until here: lazyrelay)
+            if isinstance(s.relay, PrefetchRelay):
+                s.relay.release()
         return {"status": str(s.status), "timeline": steps}
 
     async def _unfence(self, s: Session, t0: float, steps: list[dict[str, Any]]) -> None:
@@ -663,6 +669,8 @@ class TargetSide:
         if s.status not in (wire.TargetStatus.RESTORED, wire.TargetStatus.COMMITTED):
             raise _err(ErrorCode.CONFLICT, f"{self.node}: session {s.sid} is {s.status}")
         s.status = wire.TargetStatus.COMMITTED
+        if isinstance(s.relay, PrefetchRelay):  # released at the confirm already
+            s.relay.release()
         lazy_ok = None
         if s.lazy is not None:
             try:

@@ -140,15 +140,16 @@ async def client(port: int, ranges: list[tuple[int, int]], faults: list[int]) ->
 
 
 async def run_case(iovs: list[tuple[int, int]], pagemaps: dict[int, list[tuple[int, int]]],
+                   src: Source | None = None, gate: asyncio.Event | None = None,
                    **kw: int) -> tuple[dict[int, bytes], lr.Prefetcher, Source]:
-    src = Source(iovs)
+    src = src or Source(iovs)
     srv = await asyncio.start_server(src.serve, "127.0.0.1", 0)
     sport = srv.sockets[0].getsockname()[1]
     result: dict[str, lr.Prefetcher] = {}
 
     async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ur, uw = await asyncio.open_connection("127.0.0.1", sport)
-        p = lr.Prefetcher(StreamUp(ur, uw), r, w, pagemaps, **kw)
+        p = lr.Prefetcher(StreamUp(ur, uw), r, w, pagemaps, gate=gate, **kw)
         result["p"] = p
         with contextlib.suppress(Exception):
             await p.run()
@@ -209,6 +210,35 @@ async def test_small_cache_still_delivers_everything() -> None:
                                cache=128 * PAGE)
     assert got == expected(iovs)
     assert p.cache_bytes >= 0
+
+
+async def test_held_prefetch_relays_only_the_daemons_requests() -> None:
+    """Until the target releases it (the cnvm runs), no prefetch request goes out."""
+    random.seed(4)
+    base = 0x600000
+    iovs = [(base, base + 600 * PAGE)]
+    got, p, src = await run_case(iovs, {ID: iovs}, gate=asyncio.Event(), chunk_pages=32,
+                                 window=128 * PAGE)
+    assert got == expected(iovs)
+    assert p.prefetched == 0 and p.hits == 0
+    assert len(src.gets) == p.bytes_up // lr.PSI.size - 1  # the daemon's GETs and its CLOSE
+
+
+async def test_released_prefetch_starts_and_delivers_everything() -> None:
+    random.seed(5)
+    base = 0x700000
+    iovs = [(base, base + 3000 * PAGE)]
+    gate = asyncio.Event()
+
+    class Releasing(Source):  # the gate opens once the daemon's first GET was served
+        async def serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            asyncio.get_running_loop().call_later(0.01, gate.set)
+            await super().serve(r, w)
+
+    got, p, _ = await run_case(iovs, {ID: iovs}, src=Releasing(iovs), gate=gate,
+                               chunk_pages=32, window=128 * PAGE)
+    assert got == expected(iovs)
+    assert gate.is_set() and p.prefetched > 0
 
 
 async def test_garbage_from_the_daemon_resets_both_sides() -> None:
