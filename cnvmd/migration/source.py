@@ -535,7 +535,8 @@ class Teleport:
             sid=self.sid, mode=Mode(self.opts.mode), spec=spec, image=image, net=info,
             criu_version=str(src_caps.get("criu_version") or "0"), memory=mem,
             disk=upper_size + mem + (16 << 20), lease=self.opts.lease,
-            cpu_flags=tuple(await asyncio.to_thread(criu.cpu_flags)))
+            cpu_flags=tuple(await asyncio.to_thread(criu.cpu_flags)),
+            cgroup=await asyncio.to_thread(task_cgroup, st.pid))
         await self.effect(Effect.TARGET_PREPARED)
         prep = wire.PrepareReply.from_wire(
             await self.link.call("teleport.prepare", prep_msg.to_wire(), timeout=60))
@@ -1166,6 +1167,23 @@ def _size(p: Path) -> int:
         return p.stat().st_size
     except OSError:
         return 0
+
+
+def task_cgroup(pid: int) -> str | None:
+    """The cgroup task `pid` is in (the unified one, or the freezer's on cgroup v1),
+    relative to the cgroup mount; None if unreadable or not plain names."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    by_ctl: dict[str, str] = {}
+    for ln in lines:
+        _, ctls, path = ln.split(":", 2) if ln.count(":") >= 2 else ("", "", "")
+        for c in ctls.split(",") if ctls else [""]:
+            by_ctl[c] = path
+    found = by_ctl.get("freezer") or by_ctl.get("")
+    return found if found and wire.CGROUP_RE.fullmatch(found) else None
 
 
 def _du(root: Path) -> int:

@@ -91,6 +91,20 @@ answer not yet sent."""
 HOLD_REPLY_SECONDS = 5.0
 
 
+def _arriving_cgroup(cg: str | None, root: str, name: str) -> str | None:
+    """The source's cgroup for the tasks of `name`, if it is one cnvmd makes:
+    `<cgroup_root>/<node>/<name>` with this node's cgroup_root (the same on every member);
+    anything else is refused, so no other cgroup can be named from the wire."""
+    if cg is None:
+        return None
+    m = re.fullmatch(re.escape(root.rstrip("/")) + r"/([A-Za-z0-9_.-]{1,63})/" + re.escape(name),
+                     cg)
+    if m is None or m.group(1).startswith("."):
+        raise _err(ErrorCode.INVALID_ARGUMENT, f"prepare.cgroup {cg[:80]!r} is not "
+                   f"{root}/<node>/{name}")
+    return cg
+
+
 def _err(code: ErrorCode, msg: str) -> ProtoError:
     return ProtoError(code, msg)
 
@@ -122,6 +136,7 @@ class Session:
     fence_deadline: float | None = None  # monotonic: a fenced copy is killed then
     neighbors: list[dict[str, str]] = field(default_factory=list)
     pid: int = 0
+    cgroup: str | None = None  # where the tasks are on the source (Prepare.cgroup)
 
     @property
     def images(self) -> Path:
@@ -238,7 +253,8 @@ class TargetSide:
         j = journal.TargetJournal(sid=msg.sid, name=name, source=caller, lease=msg.lease)
         s = Session(sid=msg.sid, name=name, source=caller, mode=msg.mode, dir=sdir,
                     lease=msg.lease, net=msg.net, spec=msg.spec, image=msg.image, j=j,
-                    stack=UndoStack())
+                    stack=UndoStack(), cgroup=_arriving_cgroup(
+                        msg.cgroup, self.daemon.config.cgroup_root, name))
         s.stack = UndoStack(lambda eff: self._journal(s, eff))
         u = TargetUndo(self, name, sdir, s)
         self.sessions[msg.sid] = s
@@ -308,10 +324,14 @@ class TargetSide:
         # config.json now, while the source still runs, not in the frozen window.
         # CRIU puts the tasks back into the cgroup they were dumped from (on cgroup v2
         # runc's cgroup-root remap does not apply): runc must track that same cgroup, or
-        # its pause and the next teleport's freeze miss the tasks. So the source's path,
-        # except where that cgroup exists here (lab nodes sharing one host's cgroups):
-        # there each copy needs its own, and this node's per-node path is used.
-        src_cg = bundle.cgroups_path(s.source, s.name, self.daemon.config.cgroup_root)
+        # its pause and the next teleport's freeze miss the tasks. So the cgroup the
+        # tasks are in on the source (which, after an earlier hop, is not the source's
+        # own per-node path: a cnvm that came lv2 -> lv1 -> lv2 lived in lv1's path on
+        # lv2, so runc tracked an empty cgroup and the next pre-dump could not seize it —
+        # found by the VM lane), except where that cgroup exists here (lab nodes sharing
+        # one host's cgroups): there each copy needs its own, this node's per-node path.
+        src_cg = s.cgroup or bundle.cgroups_path(s.source, s.name,
+                                                 self.daemon.config.cgroup_root)
         cg = None if await asyncio.to_thread(_cgroup_exists, src_cg) else src_cg
         life = self.life
         await life.write_restore_config(s.name, _record_of(s, self.node, life.paths(s.name)),

@@ -213,3 +213,43 @@ def test_status_questions_and_relays_are_validated():
         with pytest.raises(ProtoError) as e:
             wire.RelayStatus.from_wire(bad)
         assert e.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_the_source_cgroup_is_a_cnvm_cgroup_or_refused():
+    from cnvmd.migration.target import _arriving_cgroup
+
+    ok = {**prepare(), "cgroup": "/cnvm/node1/web"}
+    assert wire.Prepare.from_wire(ok).cgroup == "/cnvm/node1/web"
+    assert wire.Prepare.from_wire(prepare()).cgroup is None  # older sources send none
+    for bad in ("/cnvm/../etc", "/cnvm/node1/./web", "cnvm/node1/web", "/", "/a//b",
+                "/cnvm/node1/web\n", 5, "/" + "a/" * 9 + "b"):
+        with pytest.raises(ProtoError) as ei:
+            wire.Prepare.from_wire({**prepare(), "cgroup": bad})
+        assert ei.value.code == ErrorCode.INVALID_ARGUMENT, bad
+    assert _arriving_cgroup("/cnvm/node1/web", "/cnvm", "web") == "/cnvm/node1/web"
+    assert _arriving_cgroup(None, "/cnvm", "web") is None
+    for bad in ("/cnvm/node1/other", "/system.slice/sshd.service", "/cnvm/web",
+                "/cnvm/a/b/web", "/cnvm-x/node1/web"):
+        with pytest.raises(ProtoError) as ei:
+            _arriving_cgroup(bad, "/cnvm", "web")
+        assert ei.value.code == ErrorCode.INVALID_ARGUMENT, bad
+
+
+def test_task_cgroup_reads_v2_and_the_v1_freezer(tmp_path, monkeypatch):
+    from cnvmd.migration import source
+
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        if str(path) == "/proc/1/cgroup":
+            return real_open(tmp_path / "cg", *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    (tmp_path / "cg").write_text("0::/cnvm/lv1/web\n")
+    assert source.task_cgroup(1) == "/cnvm/lv1/web"
+    (tmp_path / "cg").write_text("12:memory:/cnvm/n1/web\n5:freezer:/cnvm/n2/web\n"
+                                 "1:name=systemd:/system.slice/x\n")
+    assert source.task_cgroup(1) == "/cnvm/n2/web"
+    (tmp_path / "cg").write_text("0::/weird path/x\n")
+    assert source.task_cgroup(1) is None
