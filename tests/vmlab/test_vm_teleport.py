@@ -403,10 +403,17 @@ def test_precopy_then_hybrid(served: tuple[VMLab, Client, str]) -> None:
 
 
 
-def _where(lab: VMLab) -> list[int]:
-    """Guests whose daemon lists the cnvm as its own (exactly one, normally)."""
-    return [i for i in range(lab.n)
-            if NAME in [x["name"] for x in _json(lab.cnvmctl(i, "--json ls --local"))]]
+def _where(lab: VMLab, *, strict: bool = True) -> list[int] | None:
+    """Guests whose daemon lists the cnvm as its own (exactly one, normally); None if
+    a daemon does not answer and not `strict` (one still starting after a reset)."""
+    out = []
+    for i in range(lab.n):
+        r = lab.cnvmctl(i, "--json ls --local", check=strict, timeout=120)
+        if r.returncode != 0:
+            return None
+        if NAME in [x["name"] for x in json.loads(r.stdout)]:
+            out.append(i)
+    return out
 
 
 def test_restart_keeps_the_cnvm_running_and_adopted(served: tuple[VMLab, Client, str]) -> None:
@@ -414,7 +421,7 @@ def test_restart_keeps_the_cnvm_running_and_adopted(served: tuple[VMLab, Client,
     running: the same container process serves on, the new daemon adopts it (state,
     exec, the file), and the client never notices more than a hiccup."""
     lab, c, ip = served
-    [node] = _where(lab)
+    [node] = _where(lab) or []
     before = _json(lab.cnvmctl(node, f"--json inspect {NAME}"))
     main = lab.ssh(node, "systemctl show cnvmd -p MainPID --value").stdout.strip()
     t = time.monotonic()
@@ -515,7 +522,7 @@ def test_guest_reset_during_teleport(served: tuple[VMLab, Client, str], phase: s
     cnvm runs exactly once afterwards — on the source if the switchover was not
     reached, on the target if it was — with its connection, counter and file."""
     lab, c, ip = served
-    [src] = _where(lab)
+    [src] = _where(lab) or []
     dst = 1 if src == 0 else 0
     port = c.port
     args: dict[str, Any] = {"name": NAME, "target": lab.guests[dst].name, "mode": "auto"}
@@ -555,7 +562,7 @@ def test_guest_reset_during_teleport(served: tuple[VMLab, Client, str], phase: s
             print(f"  answer after {time.monotonic() - t_reset:.1f} s: {res['code']}: "
                   f"{res['message']}")
         # exactly once: on one node only, running, same IP, file, connection, counter
-        _wait("one copy", lambda: _where(lab) == [i_home], 300, every=2)
+        _wait("one copy", lambda: _where(lab, strict=False) == [i_home], 600, every=2)
         c.wait_more(20, timeout=600)
         assert c.port == port
         _assert_on(lab, c, ip, i_home)
