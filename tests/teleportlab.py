@@ -230,6 +230,22 @@ class TeleLab:
                 raise AssertionError(f"cluster did not form: {view}")
             await asyncio.sleep(0.2)
 
+    @contextlib.asynccontextmanager
+    async def running(self, tmp: Path, cnvm: tuple[str, str] | None = None):
+        """The lab up (and, given (name, ip), that cnvm deployed with its client, see
+        `deploy_with_client`) for a module fixture; on a failure the daemons' logs are
+        printed; torn down in every case."""
+        try:
+            await self.up(tmp)
+            if cnvm is not None:
+                await self.deploy_with_client(*cnvm)
+            yield self
+        except BaseException:
+            self.print_logs(60)
+            raise
+        finally:
+            await self.down()
+
     async def down(self) -> None:
         for c in self.clients:
             with contextlib.suppress(Exception):

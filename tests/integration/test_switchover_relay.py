@@ -33,25 +33,15 @@ LAB = "hy"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def rlab(tmp_path_factory: pytest.TempPathFactory):
-    tl = TeleLab(LAB, 3)
-    try:
-        await tl.up(tmp_path_factory.mktemp("rlab"))
-        await tl.deploy_with_client(NAME, IP)
+    async with TeleLab(LAB, 3).running(tmp_path_factory.mktemp("rlab"), (NAME, IP)) as tl:
         yield tl
-    except BaseException:
-        tl.print_logs(60)
-        raise
-    finally:
-        await tl.down()
 
 
 async def test_the_outcome_comes_through_a_third_member(rlab: TeleLab):
     lease = 10.0  # node2's fence deadline: lease/2 after its restore
-    events: list[dict[str, Any]] = []
     task = asyncio.create_task(rlab.call("node1", "teleport", {
         "name": NAME, "target": "node2", "mode": "postcopy", "lease": lease,
-        "fail_at": "target:hold_reply"}, on_event=lambda e: events.append(e.data),
-        timeout=300))
+        "fail_at": "target:hold_reply"}, timeout=300))
     cut_on = False
     try:
         end = time.monotonic() + 120

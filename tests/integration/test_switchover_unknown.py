@@ -41,16 +41,8 @@ LAB = "hx"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def slab(tmp_path_factory: pytest.TempPathFactory):
-    tl = TeleLab(LAB, 2)
-    try:
-        await tl.up(tmp_path_factory.mktemp("slab"))
-        await tl.deploy_with_client(NAME, IP)
+    async with TeleLab(LAB, 2).running(tmp_path_factory.mktemp("slab"), (NAME, IP)) as tl:
         yield tl
-    except BaseException:
-        tl.print_logs(60)
-        raise
-    finally:
-        await tl.down()
 
 
 async def runc_status(tl: TeleLab, node: str) -> str | None:
